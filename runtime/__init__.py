@@ -1,0 +1,19 @@
+"""The training engine: layers, kernels, models, losses, optimizers, checkpoints."""
+
+from .batchnorm import BatchNorm2d
+from .errors import (CheckpointError, CodecError, ConfigError, DataError, DTypeError,
+                     ShapeError, SparseFedError, StateError, TransportError)
+from .layers import Conv2d, Flatten, Layer, Linear, ReLU
+from .losses import softmax_cross_entropy
+from .model import BasicBlock, Module, Sequential
+from .models import build
+from .optim import SGD, lr_schedule
+from .pooling import GlobalAvgPool2d, MaxPool2d
+
+__all__ = [
+    "BasicBlock", "BatchNorm2d", "CheckpointError", "CodecError", "ConfigError",
+    "Conv2d", "DataError", "DTypeError", "Flatten", "GlobalAvgPool2d", "Layer",
+    "Linear", "MaxPool2d", "Module", "ReLU", "SGD", "Sequential", "ShapeError",
+    "SparseFedError", "StateError", "TransportError", "build", "lr_schedule",
+    "softmax_cross_entropy",
+]

@@ -1,0 +1,34 @@
+"""Checks at the public boundary: convert once to C-contiguous float32, check shapes."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import DTypeError, ShapeError
+
+
+def as_f32(x, name: str) -> np.ndarray:
+    """Return ``x`` as a C-contiguous float32 array (no copy when it already is).
+
+    Integer and float64 inputs are converted; anything that is not numeric raises.
+    """
+    arr = np.asarray(x)
+    if arr.dtype.kind not in "fiub":
+        raise DTypeError(f"{name}: expected a numeric array, got dtype {arr.dtype}")
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def check_ndim(x: np.ndarray, ndim: int, what: str, layout: str) -> None:
+    """Raise ShapeError unless ``x`` has ``ndim`` dimensions (``layout`` names them)."""
+    if x.ndim != ndim:
+        raise ShapeError(f"{what}: expected x of shape {layout}, got {tuple(x.shape)}")
+
+
+def check_shape(x: np.ndarray, shape: tuple, what: str) -> None:
+    """Raise ShapeError unless ``x.shape == shape`` (``None`` entries match anything)."""
+    ok = x.ndim == len(shape) and all(
+        want is None or want == got for want, got in zip(shape, x.shape)
+    )
+    if not ok:
+        shown = tuple("N" if s is None else s for s in shape)
+        raise ShapeError(f"{what}: expected shape {shown}, got {tuple(x.shape)}")

@@ -1,0 +1,99 @@
+"""BatchNorm2d with PyTorch's numerics (eps 1e-5, momentum 0.1, unbiased running var)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .arrays import as_f32, check_ndim
+from .errors import ConfigError, ShapeError
+from .kernels import norm
+from .layers import Layer, keeps_cache
+
+
+class BatchNorm2d(Layer):
+    """y = (x - mean) / sqrt(var + eps) * weight + bias, per channel of (N, C, H, W).
+
+    Training uses the batch statistics (biased variance) and updates the running
+    ones: running = (1 - momentum) * running + momentum * batch, with the unbiased
+    variance for ``running_var``. Evaluation uses the running statistics.
+    See https://pytorch.org/docs/stable/generated/torch.nn.BatchNorm2d.html
+    """
+
+    def __init__(self, num_features: int, *, eps: float = 1e-5,
+                 momentum: float = 0.1):
+        if int(num_features) != num_features or num_features < 1:
+            raise ConfigError(f"BatchNorm2d num_features: expected an integer >= 1, "
+                              f"got {num_features!r}")
+        if not 0.0 <= momentum <= 1.0:
+            raise ConfigError(f"BatchNorm2d momentum: expected 0..1, got {momentum}")
+        self.num_features, self.eps, self.momentum = num_features, eps, momentum
+        self.weight = np.ones(num_features, dtype=np.float32)
+        self.bias = np.zeros(num_features, dtype=np.float32)
+        self.grad_weight = np.zeros_like(self.weight)
+        self.grad_bias = np.zeros_like(self.bias)
+        self.running_mean = np.zeros(num_features, dtype=np.float32)
+        self.running_var = np.ones(num_features, dtype=np.float32)
+        self.num_batches_tracked = np.zeros((), dtype=np.int64)
+
+    def params(self):
+        return {"weight": self.weight, "bias": self.bias}
+
+    def grads(self):
+        return {"weight": self.grad_weight, "bias": self.grad_bias}
+
+    def buffers(self):
+        return {"running_mean": self.running_mean, "running_var": self.running_var,
+                "num_batches_tracked": self.num_batches_tracked}
+
+    def forward(self, x, train, grad=None):
+        x = as_f32(x, f"{self!r}.forward")
+        what = f"{self!r}.forward"
+        check_ndim(x, 4, what, f"(N, {self.num_features}, H, W)")
+        if x.shape[1] != self.num_features:
+            raise ShapeError(f"{what}: expected x of shape (N, {self.num_features}, H, W)"
+                             f", got {tuple(x.shape)}")
+        if train:
+            count = x.shape[0] * x.shape[2] * x.shape[3]
+            if count < 2:
+                raise ShapeError(f"{what}: expected more than 1 value per channel in "
+                                 f"training, got input {tuple(x.shape)}")
+            mean, var = norm.channel_mean_var(x)
+            self._update_running(mean, var * count / (count - 1))
+        else:
+            mean = self.running_mean.astype(np.float64)
+            var = self.running_var.astype(np.float64)
+        invstd = 1.0 / np.sqrt(var + self.eps)
+        # xhat = (x - mean) * invstd, kept for backward; y = xhat * weight + bias
+        xhat = norm.scale_shift(x, invstd.astype(np.float32),
+                                (-mean * invstd).astype(np.float32))
+        y = norm.scale_shift(xhat, self.weight, self.bias)
+        if keeps_cache(train, grad):
+            self._cache = (xhat, invstd.astype(np.float32), train)
+        return y
+
+    def _update_running(self, mean, unbiased_var):
+        m = self.momentum
+        self.running_mean[:] = (1 - m) * self.running_mean + m * mean
+        self.running_var[:] = (1 - m) * self.running_var + m * unbiased_var
+        self.num_batches_tracked += 1
+
+    def backward(self, grad_out):
+        xhat, invstd, used_batch_stats = self._take_cache()
+        g = np.ascontiguousarray(as_f32(grad_out, f"{self!r}.backward"))
+        if g.shape != xhat.shape:
+            raise ShapeError(f"{self!r}.backward: expected grad_out of shape "
+                             f"{xhat.shape}, got {tuple(g.shape)}")
+        sum_g, sum_gx = norm.grad_sums(g, xhat)
+        self.grad_weight += sum_gx.astype(np.float32)
+        self.grad_bias += sum_g.astype(np.float32)
+        a = (self.weight * invstd).astype(np.float32)
+        if not used_batch_stats:  # running stats are constants: a plain scale
+            zeros = np.zeros_like(a)
+            return norm.bn_grad_input(g, xhat, a, zeros, zeros)
+        count = g.shape[0] * g.shape[2] * g.shape[3]
+        b = (a * sum_g / count).astype(np.float32)
+        k = (a * sum_gx / count).astype(np.float32)
+        return norm.bn_grad_input(g, xhat, a, b, k)
+
+    def __repr__(self):
+        return f"BatchNorm2d({self.num_features})"

@@ -1,0 +1,242 @@
+"""Layers with explicit forward/backward: Conv2d, Linear, ReLU, Flatten.
+
+Interface (every layer): ``forward(x, train, grad=None)``, ``backward(grad_out)``,
+``params()``, ``grads()``, ``buffers()``, ``children()``, ``zero_grad()``.
+``train`` selects training behaviour (batch statistics in BatchNorm); ``grad``
+(default: ``train``) says whether to keep what backward needs. A forward with
+``grad=False`` stores nothing, so inference holds no activations.
+Parameter gradients accumulate (``+=``) until ``zero_grad()``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import powerprop
+from .arrays import as_f32, check_ndim
+from .errors import ConfigError, ShapeError, StateError
+from .kernels import conv
+
+
+class Layer:
+    """Base class: a layer without parameters, children or cache."""
+
+    _cache = None
+
+    def forward(self, x: np.ndarray, train: bool, grad: bool | None = None):
+        raise NotImplementedError
+
+    def backward(self, grad_out: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def params(self) -> dict[str, np.ndarray]:
+        return {}
+
+    def grads(self) -> dict[str, np.ndarray]:
+        return {}
+
+    def buffers(self) -> dict[str, np.ndarray]:
+        return {}
+
+    def children(self) -> dict[str, "Layer"]:
+        return {}
+
+    def zero_grad(self) -> None:
+        for g in self.grads().values():
+            g.fill(0.0)
+        for child in self.children().values():
+            child.zero_grad()
+
+    def _take_cache(self):
+        cache = self._cache
+        if cache is None:
+            raise StateError(f"{self!r}.backward: expected a cache from "
+                             "forward(x, train=True) (or grad=True), got none")
+        self._cache = None
+        return cache
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def keeps_cache(train: bool, grad: bool | None) -> bool:
+    """Whether a forward call must keep what backward needs."""
+    return train if grad is None else grad
+
+
+class _Weighted(Layer):
+    """Shared parts of Conv2d and Linear: Powerprop weight ``v`` and optional bias."""
+
+    def __init__(self, shape: tuple, fan_in: int, bias: bool, alpha: float,
+                 rng: np.random.Generator | None):
+        self.alpha = powerprop.check_alpha(alpha)
+        rng = rng if rng is not None else np.random.default_rng()
+        self.weight = powerprop.init_weight(shape, fan_in, self.alpha, rng)
+        self.grad_weight = np.zeros_like(self.weight)
+        self.bias = None
+        self.grad_bias = None
+        if bias:
+            bound = 1.0 / np.sqrt(fan_in)  # PyTorch's default bias init
+            self.bias = rng.uniform(-bound, bound, shape[0]).astype(np.float32)
+            self.grad_bias = np.zeros_like(self.bias)
+
+    def effective_weight(self) -> np.ndarray:
+        """The weight used in the forward pass, w = v|v|^(alpha-1) (a copy if alpha>1)."""
+        return powerprop.effective_weight(self.weight, self.alpha)[0]
+
+    def params(self):
+        p = {"weight": self.weight}
+        if self.bias is not None:
+            p["bias"] = self.bias
+        return p
+
+    def grads(self):
+        g = {"weight": self.grad_weight}
+        if self.bias is not None:
+            g["bias"] = self.grad_bias
+        return g
+
+    def _accumulate_weight_grad(self, grad_w: np.ndarray, dw_dv) -> None:
+        if dw_dv is not None:
+            grad_w *= dw_dv
+        self.grad_weight += grad_w
+
+
+class Conv2d(_Weighted):
+    """2-D convolution, groups=1, optionally Powerprop (alpha > 1).
+
+    y[n, o] = sum_c w[o, c] (*) x[n, c] + b[o], with w = v|v|^(alpha-1).
+    x: (N, C, H, W) f4 -> y: (N, O, OH, OW) f4; weight ``v``: (O, C, kh, kw).
+    See https://pytorch.org/docs/stable/generated/torch.nn.Conv2d.html
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *,
+                 stride: int = 1, padding: int = 0, bias: bool = True,
+                 alpha: float = 1.0, rng: np.random.Generator | None = None):
+        for name, val, low in (("in_channels", in_channels, 1),
+                               ("out_channels", out_channels, 1),
+                               ("kernel_size", kernel_size, 1), ("stride", stride, 1),
+                               ("padding", padding, 0)):
+            if int(val) != val or val < low:
+                raise ConfigError(f"Conv2d {name}: expected an integer >= {low}, "
+                                  f"got {val!r}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+        k = kernel_size
+        super().__init__((out_channels, in_channels, k, k), in_channels * k * k,
+                         bias, alpha, rng)
+
+    def forward(self, x, train, grad=None):
+        x = as_f32(x, f"{self!r}.forward")
+        what = f"{self!r}.forward"
+        check_ndim(x, 4, what, f"(N, {self.in_channels}, H, W)")
+        if x.shape[1] != self.in_channels:
+            raise ShapeError(f"{what}: expected x of shape (N, {self.in_channels}, H, W),"
+                             f" got {tuple(x.shape)}")
+        k, p = self.kernel_size, self.padding
+        if x.shape[2] + 2 * p < k or x.shape[3] + 2 * p < k:
+            raise ShapeError(f"{what}: expected an image of at least {k - 2 * p}x"
+                             f"{k - 2 * p} pixels, got {x.shape[2]}x{x.shape[3]}")
+        w, dw_dv = powerprop.effective_weight(self.weight, self.alpha)
+        y = conv.conv2d_forward(x, w, self.stride, p)
+        if self.bias is not None:
+            y += self.bias[None, :, None, None]
+        self._cache = (x, w, dw_dv) if keeps_cache(train, grad) else None
+        return y
+
+    def backward(self, grad_out):
+        x, w, dw_dv = self._take_cache()
+        g = as_f32(grad_out, f"{self!r}.backward")
+        n, _, h, wd = x.shape
+        oh = conv.out_size(h, self.kernel_size, self.stride, self.padding)
+        ow = conv.out_size(wd, self.kernel_size, self.stride, self.padding)
+        if g.shape != (n, self.out_channels, oh, ow):
+            raise ShapeError(f"{self!r}.backward: expected grad_out of shape "
+                             f"{(n, self.out_channels, oh, ow)}, got {tuple(g.shape)}")
+        grad_w = conv.conv2d_grad_weight(x, g, w.shape, self.stride, self.padding)
+        self._accumulate_weight_grad(grad_w, dw_dv)
+        if self.bias is not None:
+            self.grad_bias += g.sum(axis=(0, 2, 3))
+        return conv.conv2d_grad_input(g, w, x.shape, self.stride, self.padding)
+
+    def __repr__(self):
+        extra = "" if self.alpha == 1.0 else f", alpha={self.alpha}"
+        return (f"Conv2d({self.in_channels}, {self.out_channels}, "
+                f"kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, bias={self.bias is not None}{extra})")
+
+
+class Linear(_Weighted):
+    """Fully connected layer, optionally Powerprop: y = x @ w.T + b.
+
+    x: (N, in_features) f4 -> y: (N, out_features) f4; weight ``v``: (out, in).
+    See https://pytorch.org/docs/stable/generated/torch.nn.Linear.html
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool = True,
+                 alpha: float = 1.0, rng: np.random.Generator | None = None):
+        for name, val in (("in_features", in_features), ("out_features", out_features)):
+            if int(val) != val or val < 1:
+                raise ConfigError(f"Linear {name}: expected an integer >= 1, got {val!r}")
+        self.in_features, self.out_features = in_features, out_features
+        super().__init__((out_features, in_features), in_features, bias, alpha, rng)
+
+    def forward(self, x, train, grad=None):
+        x = as_f32(x, f"{self!r}.forward")
+        if x.ndim != 2 or x.shape[1] != self.in_features:
+            hint = "; flatten first" if x.ndim > 2 else ""
+            raise ShapeError(f"{self!r}.forward: expected x of shape "
+                             f"(N, {self.in_features}), got {tuple(x.shape)}{hint}")
+        w, dw_dv = powerprop.effective_weight(self.weight, self.alpha)
+        y = x @ w.T
+        if self.bias is not None:
+            y += self.bias
+        self._cache = (x, w, dw_dv) if keeps_cache(train, grad) else None
+        return y
+
+    def backward(self, grad_out):
+        x, w, dw_dv = self._take_cache()
+        g = as_f32(grad_out, f"{self!r}.backward")
+        if g.shape != (x.shape[0], self.out_features):
+            raise ShapeError(f"{self!r}.backward: expected grad_out of shape "
+                             f"{(x.shape[0], self.out_features)}, got {tuple(g.shape)}")
+        self._accumulate_weight_grad(g.T @ x, dw_dv)
+        if self.bias is not None:
+            self.grad_bias += g.sum(axis=0)
+        return g @ w
+
+    def __repr__(self):
+        extra = "" if self.alpha == 1.0 else f", alpha={self.alpha}"
+        return (f"Linear({self.in_features}, {self.out_features}, "
+                f"bias={self.bias is not None}{extra})")
+
+
+class ReLU(Layer):
+    """max(x, 0); the cache is the boolean mask of positive inputs (1 byte each)."""
+
+    def forward(self, x, train, grad=None):
+        x = as_f32(x, "ReLU.forward")
+        if keeps_cache(train, grad):
+            self._cache = x > 0
+        return np.maximum(x, np.float32(0.0))  # keeps NaN visible, as torch does
+
+    def backward(self, grad_out):
+        mask = self._take_cache()
+        g = as_f32(grad_out, "ReLU.backward")
+        if g.shape != mask.shape:
+            raise ShapeError(f"ReLU.backward: expected grad_out of shape "
+                             f"{mask.shape}, got {tuple(g.shape)}")
+        return np.multiply(g, mask, dtype=np.float32)
+
+
+class Flatten(Layer):
+    """(N, ...) -> (N, prod(...)), as torch.flatten(x, 1)."""
+
+    def forward(self, x, train, grad=None):
+        x = as_f32(x, "Flatten.forward")
+        self._cache = x.shape if keeps_cache(train, grad) else None
+        return x.reshape(x.shape[0], -1)
+
+    def backward(self, grad_out):
+        shape = self._take_cache()
+        return as_f32(grad_out, "Flatten.backward").reshape(shape)

@@ -1,0 +1,190 @@
+"""Containers (Sequential, BasicBlock) and the dotted state-dict names built from them.
+
+A model is a tree of layers; ``state_dict()`` walks it and names every tensor
+``child.grandchild.tensor`` exactly as torchvision does for the same architecture,
+so weights move 1:1 between this engine, PyTorch and ONNX.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .arrays import as_f32
+from .batchnorm import BatchNorm2d
+from .errors import ShapeError
+from .layers import Conv2d, Layer, ReLU
+
+
+def _walk(layer: Layer, prefix: str, pick):
+    """Yield (dotted name, array) from the leaf layers below ``layer``."""
+    kids = layer.children()
+    if not kids:
+        for name, arr in pick(layer).items():
+            yield prefix + name, arr
+    for name, child in kids.items():
+        yield from _walk(child, f"{prefix}{name}.", pick)
+
+
+class Module(Layer):
+    """A layer made of named children; its tensors are its leaves', by dotted name.
+
+    ``params()``, ``grads()`` and ``buffers()`` return the arrays themselves (not
+    copies), keyed ``child.grandchild.tensor``.
+    """
+
+    def params(self) -> dict[str, np.ndarray]:
+        return dict(_walk(self, "", lambda layer: layer.params()))
+
+    def grads(self) -> dict[str, np.ndarray]:
+        return dict(_walk(self, "", lambda layer: layer.grads()))
+
+    def buffers(self) -> dict[str, np.ndarray]:
+        return dict(_walk(self, "", lambda layer: layer.buffers()))
+
+    def named_layers(self) -> dict[str, Layer]:
+        """Every layer in the tree by dotted name (this module is "")."""
+        out = {"": self}
+
+        def visit(layer, prefix):
+            for name, child in layer.children().items():
+                out[prefix + name] = child
+                visit(child, f"{prefix}{name}.")
+        visit(self, "")
+        return out
+
+    def zero_grad(self) -> None:
+        for g in self.grads().values():
+            g.fill(0.0)
+
+    def _tensors(self) -> dict[str, np.ndarray]:
+        # per layer: parameters, then buffers -- torchvision's state_dict order
+        return dict(_walk(self, "", lambda layer: {**layer.params(),
+                                                   **layer.buffers()}))
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Copies of parameters and buffers under torchvision's names.
+
+        A Powerprop layer's ``weight`` is its parameter ``v``, not w = v|v|^(alpha-1).
+        """
+        return {name: arr.copy() for name, arr in self._tensors().items()}
+
+    def load_state_dict(self, state: dict, strict: bool = True) -> None:
+        """Copy arrays into the model in place, checking every name and shape first.
+
+        ``num_batches_tracked`` may be absent (older or converted files). With
+        ``strict`` unknown names are an error. Nothing is written unless all checks pass.
+        """
+        own = self._tensors()
+        missing = [k for k in own if k not in state
+                   and not k.endswith("num_batches_tracked")]
+        unknown = [k for k in state if k not in own]
+        if missing or (strict and unknown):
+            raise ShapeError(
+                "load_state_dict: names do not match the model: "
+                f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
+                f"unexpected {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
+        checked = {}
+        for name, dst in own.items():
+            if name not in state:
+                continue
+            src = np.asarray(state[name])
+            if src.shape != dst.shape:
+                raise ShapeError(f"load_state_dict: tensor '{name}': expected shape "
+                                 f"{dst.shape}, got {src.shape}")
+            if src.dtype.kind not in "fiub":
+                raise ShapeError(f"load_state_dict: tensor '{name}': expected numbers, "
+                                 f"got dtype {src.dtype}")
+            if dst.dtype.kind == "f" and not np.all(np.isfinite(src)):
+                raise ShapeError(f"load_state_dict: tensor '{name}' holds NaN or inf")
+            checked[name] = src
+        for name, src in checked.items():
+            own[name][...] = src
+
+
+class Sequential(Module):
+    """Children run in order; names are given ("conv1", "layer1", ...) or "0", "1", ..."""
+
+    def __init__(self, layers):
+        pairs = layers.items() if isinstance(layers, dict) else layers
+        pairs = [(str(i), p) if isinstance(p, Layer) else p for i, p in enumerate(pairs)]
+        self._children = dict(pairs)
+
+    def children(self):
+        return self._children
+
+    def __getitem__(self, name):
+        return self._children[str(name)]
+
+    def __iter__(self):
+        return iter(self._children.values())
+
+    def __len__(self):
+        return len(self._children)
+
+    def forward(self, x, train, grad=None):
+        for layer in self._children.values():
+            x = layer.forward(x, train, grad)
+        return x
+
+    def backward(self, grad_out):
+        for layer in reversed(self._children.values()):
+            grad_out = layer.backward(grad_out)
+        return grad_out
+
+    def __repr__(self):
+        body = "\n".join(f"  ({n}): " + repr(c).replace("\n", "\n  ")
+                         for n, c in self._children.items())
+        return f"{type(self).__name__}(\n{body}\n)"
+
+
+class BasicBlock(Module):
+    """ResNet basic block: relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x)).
+
+    The shortcut is identity, or a 1x1 strided conv plus BatchNorm (``downsample``)
+    when the stride or the width changes, as in torchvision.
+    """
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, *,
+                 alpha: float = 1.0, rng: np.random.Generator | None = None):
+        self.conv1 = Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False,
+                            alpha=alpha, rng=rng)
+        self.bn1 = BatchNorm2d(planes)
+        self.relu1 = ReLU()
+        self.conv2 = Conv2d(planes, planes, 3, padding=1, bias=False, alpha=alpha,
+                            rng=rng)
+        self.bn2 = BatchNorm2d(planes)
+        self.relu2 = ReLU()
+        self.downsample = None
+        if stride != 1 or in_planes != planes:
+            self.downsample = Sequential([
+                Conv2d(in_planes, planes, 1, stride=stride, bias=False, alpha=alpha,
+                       rng=rng),
+                BatchNorm2d(planes)])
+
+    def children(self):
+        kids = {"conv1": self.conv1, "bn1": self.bn1, "conv2": self.conv2,
+                "bn2": self.bn2}
+        if self.downsample is not None:
+            kids["downsample"] = self.downsample
+        return kids
+
+    def forward(self, x, train, grad=None):
+        x = as_f32(x, "BasicBlock.forward")
+        out = self.relu1.forward(self.bn1.forward(self.conv1.forward(x, train, grad),
+                                                  train, grad), train, grad)
+        out = self.bn2.forward(self.conv2.forward(out, train, grad), train, grad)
+        short = x if self.downsample is None else self.downsample.forward(x, train, grad)
+        out += short
+        return self.relu2.forward(out, train, grad)
+
+    def backward(self, grad_out):
+        g = self.relu2.backward(grad_out)
+        g_short = g if self.downsample is None else self.downsample.backward(g)
+        g = self.conv2.backward(self.bn2.backward(g))
+        g = self.conv1.backward(self.bn1.backward(self.relu1.backward(g)))
+        g += g_short
+        return g
+
+    def __repr__(self):
+        return (f"BasicBlock({self.conv1.in_channels}, {self.conv1.out_channels}, "
+                f"stride={self.conv1.stride})")

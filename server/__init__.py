@@ -1,0 +1,1 @@
+"""The aggregator side (federated learning strategies; see later issues)."""

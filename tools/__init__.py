@@ -1,0 +1,1 @@
+"""What people run: the sparsefedpp command line, benchmarks, reports."""

@@ -1,0 +1,1 @@
+"""The device side: datasets, augmentation, the local training loop."""
