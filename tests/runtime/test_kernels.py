@@ -1,0 +1,305 @@
+"""Kernels in runtime/kernels/ against plain NumPy references written here in float64
+(np.pad + strided slices), over hypothesis-drawn shapes and values.
+
+Float32 kernels are compared with an error bound per element: a float32 sum of K
+products is within about K * 2^-24 * sum|terms| of the exact value, so each check
+uses ``tol * (reference of the absolute values) + atol`` instead of a bare rtol,
+which cancellation would break.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import assume, given
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from sparsefedpp.runtime.kernels import conv, norm, pool
+
+TOL = 1e-5
+ATOL = 1e-6
+
+
+def values(shape):
+    """Float32 arrays as STYLE.md asks: finite, no subnormals, |x| <= 1e3."""
+    return arrays(np.float32, shape,
+                  elements=st.floats(-1e3, 1e3, width=32, allow_subnormal=False))
+
+
+def assert_close(actual, ref, scale):
+    """|actual - ref| <= TOL * scale + ATOL elementwise, scale = |terms| summed."""
+    assert actual.dtype == np.float32
+    assert actual.shape == ref.shape
+    err = np.abs(actual.astype(np.float64) - ref)
+    bound = TOL * scale + ATOL
+    worst = np.unravel_index(np.argmax(err - bound), err.shape)
+    assert np.all(err <= bound), (
+        f"at {worst}: got {actual[worst]}, expected {ref[worst]}, "
+        f"bound {bound[worst]}")
+
+
+# ---------------------------------------------------------------- geometry
+@st.composite
+def conv_geometry(draw, square=False):
+    """(n, c, o, h, w, kh, kw, stride, pad) with at least one output pixel."""
+    n, c, o = draw(st.integers(1, 3)), draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    h, w = draw(st.integers(1, 9)), draw(st.integers(1, 9))
+    kh = draw(st.integers(1, 3))
+    kw = kh if square else draw(st.integers(1, 3))
+    stride = draw(st.integers(1, 3))
+    pad = draw(st.integers(0, min(kh, kw) // 2))
+    assume(h + 2 * pad >= kh and w + 2 * pad >= kw)
+    return n, c, o, h, w, kh, kw, stride, pad
+
+
+def out_len(size, k, stride, pad):
+    return (size + 2 * pad - k) // stride + 1
+
+
+# -------------------------------------------------------- NumPy references
+def pad_hw(x, pad, value=0.0):
+    return np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)), constant_values=value)
+
+
+def windows(xp, kh, kw, stride, oh, ow):
+    """Yield (i, j, xp[:, :, i + stride*a, j + stride*b]) for every kernel offset."""
+    for i in range(kh):
+        for j in range(kw):
+            yield i, j, xp[:, :, i:i + stride * (oh - 1) + 1:stride,
+                           j:j + stride * (ow - 1) + 1:stride]
+
+
+def ref_im2col(x, kh, kw, stride, pad):
+    n, c, h, w = x.shape
+    oh, ow = out_len(h, kh, stride, pad), out_len(w, kw, stride, pad)
+    cols = np.zeros((n, c, kh, kw, oh, ow))
+    xp = pad_hw(x.astype(np.float64), pad)
+    for i, j, patch in windows(xp, kh, kw, stride, oh, ow):
+        cols[:, :, i, j] = patch
+    return cols.reshape(n, c * kh * kw, oh * ow)
+
+
+def ref_col2im(cols, shape, kh, kw, stride, pad):
+    n, c, h, w = shape
+    oh, ow = out_len(h, kh, stride, pad), out_len(w, kw, stride, pad)
+    cols = cols.astype(np.float64).reshape(n, c, kh, kw, oh, ow)
+    xp = np.zeros((n, c, h + 2 * pad, w + 2 * pad))
+    for i in range(kh):
+        for j in range(kw):
+            xp[:, :, i:i + stride * (oh - 1) + 1:stride,
+               j:j + stride * (ow - 1) + 1:stride] += cols[:, :, i, j]
+    return xp[:, :, pad:pad + h, pad:pad + w]
+
+
+def ref_conv2d(x, w, stride, pad):
+    n, _, h, wd = x.shape
+    o, _, kh, kw = w.shape
+    oh, ow = out_len(h, kh, stride, pad), out_len(wd, kw, stride, pad)
+    y = np.zeros((n, o, oh, ow))
+    xp = pad_hw(x.astype(np.float64), pad)
+    for i, j, patch in windows(xp, kh, kw, stride, oh, ow):
+        y += np.einsum("nchw,oc->nohw", patch, w[:, :, i, j].astype(np.float64))
+    return y
+
+
+def ref_conv2d_grad_weight(x, g, kshape, stride, pad):
+    _, _, kh, kw = kshape
+    oh, ow = g.shape[2:]
+    gw = np.zeros(kshape)
+    xp = pad_hw(x.astype(np.float64), pad)
+    for i, j, patch in windows(xp, kh, kw, stride, oh, ow):
+        gw[:, :, i, j] = np.einsum("nohw,nchw->oc", g.astype(np.float64), patch)
+    return gw
+
+
+def ref_conv2d_grad_input(g, w, in_shape, stride, pad):
+    o, c, kh, kw = w.shape
+    n, oh, ow = g.shape[0], g.shape[2], g.shape[3]
+    cols = np.einsum("nop,ok->nkp", g.reshape(n, o, oh * ow).astype(np.float64),
+                     w.reshape(o, c * kh * kw).astype(np.float64))
+    return ref_col2im(cols, in_shape, kh, kw, stride, pad)
+
+
+def ref_maxpool(x, k, stride, pad):
+    """Max of each window and the flat in-plane index of its first maximum."""
+    h, w = x.shape[2:]
+    oh, ow = out_len(h, k, stride, pad), out_len(w, k, stride, pad)
+    xp = pad_hw(x.astype(np.float64), pad, value=-np.inf)
+    stacked = np.stack([patch for _, _, patch in windows(xp, k, k, stride, oh, ow)])
+    first = np.argmax(stacked, axis=0)  # window order is row-major, as the kernel's
+    i, j = np.divmod(first, k)
+    rows = np.arange(oh)[:, None] * stride - pad + i
+    cols = np.arange(ow)[None, :] * stride - pad + j
+    return stacked.max(axis=0), rows * w + cols
+
+
+# ------------------------------------------------------------- conv kernels
+@given(data=st.data(), geom=conv_geometry())
+def test_im2col_matches_reference(data, geom):
+    n, c, _, h, w, kh, kw, stride, pad = geom
+    x = data.draw(values((n, c, h, w)))
+    cols = conv.im2col(x, kh, kw, stride, pad)
+    np.testing.assert_array_equal(cols, ref_im2col(x, kh, kw, stride, pad))
+
+
+@given(data=st.data(), geom=conv_geometry())
+def test_col2im_matches_reference(data, geom):
+    n, c, _, h, w, kh, kw, stride, pad = geom
+    cshape = (n, c * kh * kw, out_len(h, kh, stride, pad) * out_len(w, kw, stride, pad))
+    cols = data.draw(values(cshape))
+    x = conv.col2im(cols, (n, c, h, w), kh, kw, stride, pad)
+    scale = ref_col2im(np.abs(cols), (n, c, h, w), kh, kw, stride, pad)
+    assert_close(x, ref_col2im(cols, (n, c, h, w), kh, kw, stride, pad), scale)
+
+
+@given(data=st.data(), geom=conv_geometry())
+def test_col2im_is_the_adjoint_of_im2col(data, geom):
+    # Arrange
+    n, c, _, h, w, kh, kw, stride, pad = geom
+    x = data.draw(values((n, c, h, w)))
+    cols = data.draw(values(conv.im2col(x, kh, kw, stride, pad).shape))
+    # Act: <im2col(x), c> and <x, col2im(c)>
+    lhs_terms = conv.im2col(x, kh, kw, stride, pad).astype(np.float64) * cols
+    rhs_terms = x.astype(np.float64) * conv.col2im(cols, x.shape, kh, kw, stride, pad)
+    # Assert: equal up to the float32 rounding inside col2im's sums
+    scale = np.sum(np.abs(lhs_terms))
+    assert abs(lhs_terms.sum() - rhs_terms.sum()) <= TOL * scale + ATOL
+
+
+@given(data=st.data(), geom=conv_geometry())
+def test_conv2d_forward_matches_reference(data, geom):
+    n, c, o, h, w, kh, kw, stride, pad = geom
+    x = data.draw(values((n, c, h, w)))
+    wt = data.draw(values((o, c, kh, kw)))
+    y = conv.conv2d_forward(x, wt, stride, pad)
+    scale = ref_conv2d(np.abs(x), np.abs(wt), stride, pad)
+    assert_close(y, ref_conv2d(x, wt, stride, pad), scale)
+
+
+@given(data=st.data(), geom=conv_geometry())
+def test_conv2d_grad_weight_matches_reference(data, geom):
+    n, c, o, h, w, kh, kw, stride, pad = geom
+    x = data.draw(values((n, c, h, w)))
+    g = data.draw(values((n, o, out_len(h, kh, stride, pad),
+                          out_len(w, kw, stride, pad))))
+    gw = conv.conv2d_grad_weight(x, g, (o, c, kh, kw), stride, pad)
+    scale = ref_conv2d_grad_weight(np.abs(x), np.abs(g), (o, c, kh, kw), stride, pad)
+    assert_close(gw, ref_conv2d_grad_weight(x, g, (o, c, kh, kw), stride, pad), scale)
+
+
+@given(data=st.data(), geom=conv_geometry(), square=st.booleans())
+def test_conv2d_grad_input_matches_reference(data, geom, square):
+    # square kernels with "same" geometry take the flipped-kernel shortcut
+    n, c, o, h, w, kh, kw, stride, pad = geom
+    if square:
+        kw = kh
+    assume(w + 2 * pad >= kw)
+    wt = data.draw(values((o, c, kh, kw)))
+    g = data.draw(values((n, o, out_len(h, kh, stride, pad),
+                          out_len(w, kw, stride, pad))))
+    gx = conv.conv2d_grad_input(g, wt, (n, c, h, w), stride, pad)
+    scale = ref_conv2d_grad_input(np.abs(g), np.abs(wt), (n, c, h, w), stride, pad)
+    assert_close(gx, ref_conv2d_grad_input(g, wt, (n, c, h, w), stride, pad), scale)
+
+
+@given(size=st.integers(1, 12), k=st.integers(1, 3), stride=st.integers(1, 3),
+       pad=st.integers(0, 3))
+def test_out_size_counts_every_window_that_fits(size, k, stride, pad):
+    assume(size + 2 * pad >= k)
+    starts = range(-pad, size + pad - k + 1, stride)
+    assert conv.out_size(size, k, stride, pad) == len(starts)
+
+
+# ------------------------------------------------------------------ maxpool
+@st.composite
+def pool_geometry(draw):
+    n, c = draw(st.integers(1, 3)), draw(st.integers(1, 4))
+    h, w = draw(st.integers(1, 9)), draw(st.integers(1, 9))
+    k, stride = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    pad = draw(st.integers(0, k // 2))
+    assume(min(h, w) + 2 * pad >= k)
+    return n, c, h, w, k, stride, pad
+
+
+@given(data=st.data(), geom=pool_geometry())
+def test_maxpool_forward_matches_reference(data, geom):
+    # ties are common in drawn data: the first maximum in row-major order wins
+    n, c, h, w, k, stride, pad = geom
+    x = data.draw(values((n, c, h, w)))
+    y, argmax = pool.maxpool2d_forward(x, k, stride, pad)
+    ref_y, ref_argmax = ref_maxpool(x, k, stride, pad)
+    np.testing.assert_array_equal(y, ref_y)
+    np.testing.assert_array_equal(argmax, ref_argmax)
+
+
+@given(data=st.data(), geom=pool_geometry())
+def test_maxpool_backward_routes_grad_to_the_argmax(data, geom):
+    # Arrange
+    n, c, h, w, k, stride, pad = geom
+    x = data.draw(values((n, c, h, w)))
+    y, argmax = pool.maxpool2d_forward(x, k, stride, pad)
+    g = data.draw(values(y.shape))
+    # Act
+    gx = pool.maxpool2d_backward(g, argmax, x.shape)
+    # Assert: a scatter-add of g into each window's argmax
+    ref = np.zeros((n, c, h * w))
+    flat_g = g.astype(np.float64).reshape(n, c, -1)
+    flat_idx = argmax.reshape(n, c, -1)
+    for a in range(n):
+        for b in range(c):
+            np.add.at(ref[a, b], flat_idx[a, b], flat_g[a, b])
+    scale = np.zeros_like(ref)
+    for a in range(n):
+        for b in range(c):
+            np.add.at(scale[a, b], flat_idx[a, b], np.abs(flat_g[a, b]))
+    assert_close(gx, ref.reshape(x.shape), scale.reshape(x.shape))
+
+
+# --------------------------------------------------------------------- norm
+@st.composite
+def nchw(draw):
+    shape = (draw(st.integers(1, 3)), draw(st.integers(1, 4)),
+             draw(st.integers(1, 6)), draw(st.integers(1, 6)))
+    return draw(values(shape))
+
+
+@given(x=nchw())
+def test_channel_mean_var_matches_reference(x):
+    mean, var = norm.channel_mean_var(x)
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(mean, x64.mean(axis=(0, 2, 3)), rtol=1e-12,
+                               atol=1e-12 * np.abs(x64).max())
+    np.testing.assert_allclose(var, x64.var(axis=(0, 2, 3)), rtol=1e-10,
+                               atol=1e-12 * np.abs(x64).max() ** 2)
+
+
+@given(data=st.data(), x=nchw())
+def test_scale_shift_matches_reference(data, x):
+    c = x.shape[1]
+    scale, shift = data.draw(values((c,))), data.draw(values((c,)))
+    y = norm.scale_shift(x, scale, shift)
+    terms = x.astype(np.float64) * scale[None, :, None, None]
+    ref = terms + shift[None, :, None, None]
+    assert_close(y, ref, np.abs(terms) + np.abs(shift)[None, :, None, None])
+
+
+@given(data=st.data(), g=nchw())
+def test_grad_sums_match_reference(data, g):
+    xhat = data.draw(values(g.shape))
+    sum_g, sum_gx = norm.grad_sums(g, xhat)
+    prod = g.astype(np.float64) * xhat
+    np.testing.assert_allclose(sum_g, g.astype(np.float64).sum(axis=(0, 2, 3)),
+                               rtol=0, atol=1e-12 * np.abs(g).sum() + 1e-12)
+    # the product is rounded to float32 before the float64 sum
+    bound = 1e-7 * np.abs(prod).sum(axis=(0, 2, 3)) + 1e-12
+    assert np.all(np.abs(sum_gx - prod.sum(axis=(0, 2, 3))) <= bound)
+
+
+@given(data=st.data(), g=nchw())
+def test_bn_grad_input_matches_reference(data, g):
+    c = g.shape[1]
+    xhat = data.draw(values(g.shape))
+    a, b, k = (data.draw(values((c,))) for _ in range(3))
+    out = norm.bn_grad_input(g, xhat, a, b, k)
+    a64, b64, k64 = (v.astype(np.float64)[None, :, None, None] for v in (a, b, k))
+    terms = (a64 * g, np.broadcast_to(-b64, g.shape), -k64 * xhat)
+    assert_close(out, sum(terms), sum(np.abs(t) for t in terms))

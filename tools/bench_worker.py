@@ -1,0 +1,304 @@
+"""One ``sparsefedpp bench`` measurement in a fresh process; prints one JSON line.
+
+``python -m sparsefedpp.tools.bench_worker TASK --framework ours|torch ...`` where
+TASK is ``speed`` (train-step and inference times), ``rss`` (RSS after imports and
+peak RSS of a few train steps) or ``first-step`` (import + build + one train step).
+
+One framework per process, because torch's OpenMP threads keep spinning after a
+torch call and add a floor of milliseconds to every NumPy call made in the same
+process, and because peak RSS must be per framework. So this module imports only
+the standard library at the top: numpy, the engine and torch are imported inside
+the task that needs them, and torch never in an engine worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import resource
+import sys
+import time
+
+_T0 = time.perf_counter()  # before any framework import: the first-step clock
+
+#: exit code of a torch worker whose ``import torch`` failed
+TORCH_MISSING = 3
+#: SGD of every train step (PyTorch's rule on both sides)
+LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 5e-4
+
+
+def proc_status_mb(key: str) -> float | None:
+    """``VmRSS`` / ``VmHWM`` of this process from /proc/self/status in MB (Linux)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
+def ru_maxrss_mb() -> float:
+    """``getrusage(RUSAGE_SELF).ru_maxrss`` in MB (kB on Linux, bytes on macOS).
+
+    On Linux a child started by fork/vfork + exec inherits its parent's peak here
+    (the kernel folds the parent's high-water mark in at exec), so ``VmHWM`` is the
+    per-process peak we report; this is kept for reference.
+    """
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024.0 * 1024.0) if sys.platform == "darwin" else peak / 1024.0
+
+
+def peak_rss_mb() -> float:
+    """Peak RSS of this process image in MB: VmHWM, else ru_maxrss."""
+    hwm = proc_status_mb("VmHWM")
+    return hwm if hwm is not None else ru_maxrss_mb()
+
+
+def blas_info() -> dict:
+    """OpenBLAS threads and build config of the BLAS loaded by NumPy, if it is one.
+
+    Found like threadpoolctl does: the shared object in /proc/self/maps, then its
+    (possibly prefixed) ``openblas_get_num_threads`` / ``openblas_get_config``.
+    """
+    try:
+        with open("/proc/self/maps", encoding="ascii", errors="replace") as f:
+            paths = {line.split()[-1] for line in f if "openblas" in line.lower()}
+    except OSError:
+        return {}
+    for path in sorted(paths):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for prefix in ("scipy_", ""):
+            for suffix in ("64_", ""):
+                threads = getattr(lib, f"{prefix}openblas_get_num_threads{suffix}", None)
+                config = getattr(lib, f"{prefix}openblas_get_config{suffix}", None)
+                if threads is None:
+                    continue
+                info = {"blas_threads": int(threads())}
+                if config is not None:
+                    config.restype = ctypes.c_char_p
+                    info["blas_config"] = config().decode("ascii", "replace").strip()
+                return info
+    return {}
+
+
+def make_batch(batch_size: int, seed: int):
+    """The same random batch in every worker: x (B, 3, 32, 32) f4, labels (B,) i8."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch_size, 3, 32, 32), dtype=np.float32)
+    return x, rng.integers(0, 10, size=batch_size)
+
+
+# ---- the two frameworks: import, build, one train step, one inference -------------
+
+
+class Ours:
+    """The NumPy + Numba engine."""
+
+    name = "ours"
+
+    def __init__(self, threads: int):
+        import numpy  # noqa: F401  (part of the import cost)
+        from sparsefedpp import runtime
+
+        self.rt = runtime
+
+    def info(self) -> dict:
+        import numba
+        import numpy
+
+        return {"numpy": numpy.__version__, "numba": numba.__version__,
+                "numba_threads": numba.get_num_threads(), **blas_info()}
+
+    def build(self, model: str, state_path: str | None, seed: int):
+        self.model = self.rt.build(model, seed=seed)
+        if state_path:
+            import numpy as np
+
+            with np.load(state_path) as state:
+                self.model.load_state_dict(dict(state))
+        self.opt = self.rt.SGD(self.model.params(), self.model.grads(), LR,
+                               momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+
+    def batch(self, x, y):
+        return x, y
+
+    def train_step(self, x, y) -> None:
+        self.model.zero_grad()
+        logits = self.model.forward(x, train=True)
+        _, grad = self.rt.softmax_cross_entropy(logits, y)
+        self.model.backward(grad)
+        self.opt.step()
+
+    def infer(self, x):
+        return self.model.forward(x, train=False)
+
+    def logits(self, x):
+        return self.infer(x)
+
+
+class Torch:
+    """PyTorch on the CPU with the same architecture (``bench_torch``)."""
+
+    name = "torch"
+
+    def __init__(self, threads: int):
+        import torch
+
+        torch.set_num_threads(threads)
+        from . import bench_torch
+
+        self.torch, self.bench_torch = torch, bench_torch
+        self.loss = torch.nn.functional.cross_entropy
+
+    def info(self) -> dict:
+        import numpy
+
+        return {"torch": self.torch.__version__, "numpy": numpy.__version__,
+                "torch_threads": self.torch.get_num_threads(),
+                "torch_interop_threads": self.torch.get_num_interop_threads()}
+
+    def build(self, model: str, state_path: str | None, seed: int):
+        if state_path:
+            import numpy as np
+
+            with np.load(state_path) as state:
+                self.model = self.bench_torch.from_state_dict(model, dict(state))
+        else:
+            self.torch.manual_seed(seed)
+            self.model = self.bench_torch.build(model)
+        self.opt = self.torch.optim.SGD(self.model.parameters(), lr=LR,
+                                        momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+
+    def batch(self, x, y):
+        return self.torch.from_numpy(x), self.torch.from_numpy(y)
+
+    def train_step(self, x, y) -> None:
+        self.model.train()
+        self.opt.zero_grad()
+        loss = self.loss(self.model(x), y)
+        loss.backward()
+        self.opt.step()
+
+    def infer(self, x):
+        self.model.eval()
+        with self.torch.inference_mode():
+            return self.model(x)
+
+    def logits(self, x):
+        return self.infer(x).numpy()
+
+
+def load_framework(name: str, threads: int):
+    """Import the framework (timed by the caller); torch missing exits TORCH_MISSING."""
+    if name == "ours":
+        return Ours(threads)
+    try:
+        return Torch(threads)
+    except (ImportError, OSError) as err:  # OSError: a broken shared library
+        emit({"ok": False, "unavailable": f"torch is not importable: {err}"})
+        sys.exit(TORCH_MISSING)
+
+
+# ---- tasks ------------------------------------------------------------------------
+
+
+def timed(fn, *args) -> float:
+    start = time.perf_counter()
+    fn(*args)
+    return (time.perf_counter() - start) * 1e3
+
+
+def task_speed(fw, args) -> dict:
+    """Warm-up, then ``repeats`` timed train steps and inferences (ms each)."""
+    import numpy as np
+
+    fw.build(args.model, args.state, args.seed)
+    x, y = fw.batch(*make_batch(args.batch_size, args.seed))
+    out = {}
+    # eval logits before any update: the parent checks both sides agree
+    logits = np.asarray(fw.logits(x), dtype=np.float32)
+    if args.logits_out:
+        np.save(args.logits_out, logits)
+    if args.logits_ref and os.path.exists(args.logits_ref):
+        out["max_abs_logit_diff"] = float(np.abs(logits - np.load(args.logits_ref)).max())
+    for _ in range(args.warmup):
+        fw.train_step(x, y)
+    out["train_ms"] = [timed(fw.train_step, x, y) for _ in range(args.repeats)]
+    for _ in range(args.warmup):
+        fw.infer(x)
+    out["infer_ms"] = [timed(fw.infer, x) for _ in range(args.repeats)]
+    return out
+
+
+def task_rss(fw, args) -> dict:
+    """Peak RSS of building the model and ``rss_steps`` train steps."""
+    fw.build(args.model, args.state, args.seed)
+    x, y = fw.batch(*make_batch(args.batch_size, args.seed))
+    for _ in range(args.rss_steps):
+        fw.train_step(x, y)
+    return {"peak_rss_mb": peak_rss_mb(), "ru_maxrss_mb": ru_maxrss_mb(),
+            "rss_steps": args.rss_steps}
+
+
+def task_first_step(fw, args) -> dict:
+    """Build the model and do one train step; times from before the first import."""
+    t_import = time.perf_counter()
+    fw.build(args.model, None, args.seed)
+    x, y = fw.batch(*make_batch(args.batch_size, args.seed))
+    t_build = time.perf_counter()
+    fw.train_step(x, y)
+    end = time.perf_counter()
+    return {"import_s": t_import - _T0, "build_s": t_build - t_import,
+            "step_s": end - t_build, "in_process_s": end - _T0}
+
+
+TASKS = {"speed": task_speed, "rss": task_rss, "first-step": task_first_step}
+
+
+def emit(record: dict) -> None:
+    """The result: one JSON line on stdout (the parent reads the last such line)."""
+    sys.stdout.write(json.dumps(record) + "\n")
+    sys.stdout.flush()
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m sparsefedpp.tools.bench_worker")
+    p.add_argument("task", choices=tuple(TASKS))
+    p.add_argument("--framework", required=True, choices=("ours", "torch"))
+    p.add_argument("--model", default="resnet8")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--rss-steps", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--state", default=None, help="npz of our model's state_dict")
+    p.add_argument("--logits-out", default=None, help="save eval logits (.npy)")
+    p.add_argument("--logits-ref", default=None, help="compare eval logits (.npy)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    fw = load_framework(args.framework, args.threads)
+    rss_after_import = proc_status_mb("VmRSS")
+    import_s = time.perf_counter() - _T0
+    result = TASKS[args.task](fw, args)
+    emit({"ok": True, "task": args.task, "framework": args.framework,
+          "model": args.model, "batch_size": args.batch_size,
+          "rss_after_import_mb": rss_after_import, "import_s": import_s,
+          **fw.info(), **result})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
