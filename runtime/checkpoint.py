@@ -76,7 +76,7 @@ def read(path) -> tuple[dict, dict, dict]:
     except CheckpointError:
         raise
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError,
-            KeyError) as err:
+            KeyError, TypeError) as err:  # TypeError: a plain .npy under this name
         raise CheckpointError(f"checkpoint {path}: expected a complete .npz archive, "
                               f"got a corrupt or truncated file ({err}); save it "
                               "again") from None

@@ -239,4 +239,9 @@ class Flatten(Layer):
 
     def backward(self, grad_out):
         shape = self._take_cache()
-        return as_f32(grad_out, "Flatten.backward").reshape(shape)
+        g = as_f32(grad_out, "Flatten.backward")
+        want = (shape[0], int(np.prod(shape[1:])))
+        if g.shape != want:
+            raise ShapeError(f"Flatten.backward: expected grad_out of shape {want}, "
+                             f"got {tuple(g.shape)}")
+        return g.reshape(shape)

@@ -180,9 +180,6 @@ def test_bad_header(tmp_path, meta, expected):
     assert_names_path(err, path)
 
 
-@pytest.mark.xfail(raises=TypeError, strict=True,
-                   reason="engine bug: np.load returns an ndarray for .npy content, "
-                          "and checkpoint.read uses it as a context manager")
 def test_a_plain_npy_file(tmp_path):
     path = tmp_path / "weights.npz"
     with open(path, "wb") as f:

@@ -343,16 +343,11 @@ def test_backward_consumes_the_cache(make, in_shape):
         layer.backward(np.ones_like(y))
 
 
-# Flatten.backward reshapes without checking: a wrong size raises NumPy's bare
-# ValueError, and a wrong shape of the right size passes silently.
-FLATTEN_UNCHECKED = pytest.mark.xfail(raises=ValueError, strict=True,
-                                      reason="engine bug: Flatten.backward has no "
-                                             "grad_out shape check")
 
 
 @pytest.mark.parametrize(("make", "in_shape"), [
     pytest.param(*case.values, id=case.id,
-                 marks=FLATTEN_UNCHECKED if case.id == "flatten" else ())
+                 marks=())
     for case in EVERY_LAYER])
 def test_wrong_grad_out_shape_raises_shape_error(make, in_shape):
     # Arrange
