@@ -1,8 +1,17 @@
 """The training engine: layers, kernels, models, losses, optimizers, checkpoints."""
 
 from .batchnorm import BatchNorm2d
-from .errors import (CheckpointError, CodecError, ConfigError, DataError, DTypeError,
-                     ShapeError, SparseFedError, StateError, TransportError)
+from .errors import (
+                     CheckpointError,
+                     CodecError,
+                     ConfigError,
+                     DataError,
+                     DTypeError,
+                     ShapeError,
+                     SparseFedError,
+                     StateError,
+                     TransportError,
+)
 from .layers import Conv2d, Flatten, Layer, Linear, ReLU
 from .losses import softmax_cross_entropy
 from .model import BasicBlock, Module, Sequential
@@ -11,9 +20,28 @@ from .optim import SGD, lr_schedule
 from .pooling import GlobalAvgPool2d, MaxPool2d
 
 __all__ = [
-    "BasicBlock", "BatchNorm2d", "CheckpointError", "CodecError", "ConfigError",
-    "Conv2d", "DataError", "DTypeError", "Flatten", "GlobalAvgPool2d", "Layer",
-    "Linear", "MaxPool2d", "Module", "ReLU", "SGD", "Sequential", "ShapeError",
-    "SparseFedError", "StateError", "TransportError", "build", "lr_schedule",
-    "softmax_cross_entropy",
+                     "SGD",
+                     "BasicBlock",
+                     "BatchNorm2d",
+                     "CheckpointError",
+                     "CodecError",
+                     "ConfigError",
+                     "Conv2d",
+                     "DTypeError",
+                     "DataError",
+                     "Flatten",
+                     "GlobalAvgPool2d",
+                     "Layer",
+                     "Linear",
+                     "MaxPool2d",
+                     "Module",
+                     "ReLU",
+                     "Sequential",
+                     "ShapeError",
+                     "SparseFedError",
+                     "StateError",
+                     "TransportError",
+                     "build",
+                     "lr_schedule",
+                     "softmax_cross_entropy",
 ]

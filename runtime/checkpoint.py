@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CheckpointError, ShapeError
+from .models import build
 
 FORMAT = "sparsefedpp-checkpoint"
 VERSION = 1
@@ -108,8 +109,6 @@ def load(path, model=None, optimizer=None):
     """
     header, model_state, optim_state = read(path)
     if model is None:
-        from .models import build  # a checkpoint names its own architecture
-
         config = dict(header["model"])
         try:
             model = build(config.pop("name"), **config)

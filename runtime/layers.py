@@ -38,7 +38,7 @@ class Layer:
     def buffers(self) -> dict[str, np.ndarray]:
         return {}
 
-    def children(self) -> dict[str, "Layer"]:
+    def children(self) -> dict[str, Layer]:
         return {}
 
     def zero_grad(self) -> None:

@@ -68,7 +68,7 @@ class Model(Sequential):
 
 
 def _scaled(base: int, width: float) -> int:
-    return max(1, int(round(base * width)))
+    return max(1, round(base * width))
 
 
 def _resnet(blocks: tuple, widths: tuple, num_classes, width, alpha, in_channels,

@@ -10,7 +10,12 @@ import numpy as np
 from sparsefedpp.runtime import checkpoint, models
 from sparsefedpp.runtime.errors import ConfigError
 from sparsefedpp.trainer.data import Dataset, load_dataset
-from sparsefedpp.trainer.local import TrainConfig, evaluate, make_optimizer, train_epochs
+from sparsefedpp.trainer.local import (
+    TrainConfig,
+    evaluate,
+    make_optimizer,
+    train_epochs,
+)
 
 from .metrics import MetricsWriter
 from .progress import ProgressBar, say

@@ -20,7 +20,7 @@ class MetricsWriter:
             self._f = sys.stdout
         else:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-            self._f = open(path, "a", encoding="utf-8")
+            self._f = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
             self._own = True
 
     def write(self, event: str, **fields) -> dict:

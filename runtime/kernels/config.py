@@ -4,5 +4,9 @@
 ``fastmath`` stays off (NaN/inf must survive so divergence is visible).
 """
 
-JIT = dict(cache=True, nogil=True)
-JIT_PARALLEL = dict(cache=True, nogil=True, parallel=True)
+JIT = {"cache": True, "nogil": True}
+JIT_PARALLEL = {"cache": True, "nogil": True, "parallel": True}
+# The restricted fast-math set (no nnan/ninf, so NaN and inf still propagate):
+# 'contract' lets LLVM fuse multiply-adds, 'reassoc' lets it vectorise reductions.
+FASTMATH = {"nsz", "arcp", "contract", "reassoc"}
+JIT_PARALLEL_FASTMATH = {**JIT_PARALLEL, "fastmath": FASTMATH}

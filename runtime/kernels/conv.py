@@ -1,9 +1,8 @@
 """Convolution kernels: a direct ("shifted-row") convolution in Numba, no BLAS.
 
 Layout contract: ``x`` is C-contiguous float32 (N, C, H, W), weights (O, C, kh, kw)
-as in PyTorch. ``im2col``/``col2im`` (columns (N, C*kh*kw, OH*OW), row index
-``(c*kh + i)*kw + j``) are kept for callers and tests; the conv2d_* functions no
-longer use them.
+as in PyTorch. (An earlier im2col + BLAS version was removed: see "Measured" below
+and the git history.)
 
 How the direct convolution works
 --------------------------------
@@ -72,11 +71,9 @@ thing to speed up.
 import numba as nb
 import numpy as np
 
-from .config import JIT, JIT_PARALLEL
+from .config import JIT_PARALLEL_FASTMATH
 
 # fastmath without nnan/ninf: NaN and inf still propagate (divergence stays visible)
-FASTMATH = {"nsz", "arcp", "contract", "reassoc"}
-_JIT_PAR_FM = dict(JIT_PARALLEL, fastmath=FASTMATH)
 _VL = 32        # vector loops are rounded up to a multiple of this many floats
 _TAIL = 2 * _VL  # zero floats after the last image of every plane
 _TARGET = 2048  # floats per vector loop: several small images are processed at once
@@ -87,63 +84,7 @@ def out_size(size: int, k: int, stride: int, pad: int) -> int:
     return (size + 2 * pad - k) // stride + 1
 
 
-@nb.njit("void(f4[:, :, :, ::1], f4[:, :, ::1], i8, i8, i8, i8)", **JIT)
-def _im2col(x, cols, kh, kw, stride, pad):  # pragma: no cover - compiled
-    n_img, n_ch, h, w = x.shape
-    oh = (h + 2 * pad - kh) // stride + 1
-    ow = (w + 2 * pad - kw) // stride + 1
-    for n in range(n_img):
-        for c in range(n_ch):
-            for i in range(kh):
-                for j in range(kw):
-                    r = (c * kh + i) * kw + j
-                    off = j - pad
-                    # output columns b whose input column b*stride + off is inside
-                    b0 = min(ow, max(0, (pad - j + stride - 1) // stride))
-                    b1 = max(b0, min(ow, (w - 1 - off) // stride + 1))
-                    for a in range(oh):
-                        ih = a * stride - pad + i
-                        base = a * ow
-                        if ih < 0 or ih >= h:
-                            for b in range(ow):
-                                cols[n, r, base + b] = 0.0
-                            continue
-                        for b in range(b0):
-                            cols[n, r, base + b] = 0.0
-                        if stride == 1:
-                            for b in range(b0, b1):
-                                cols[n, r, base + b] = x[n, c, ih, b + off]
-                        else:
-                            for b in range(b0, b1):
-                                cols[n, r, base + b] = x[n, c, ih, b * stride + off]
-                        for b in range(b1, ow):
-                            cols[n, r, base + b] = 0.0
-
-
-@nb.njit("void(f4[:, :, ::1], f4[:, :, :, ::1], i8, i8, i8, i8)", **JIT)
-def _col2im(cols, x, kh, kw, stride, pad):  # pragma: no cover - compiled
-    n_img, n_ch, h, w = x.shape
-    oh = (h + 2 * pad - kh) // stride + 1
-    ow = (w + 2 * pad - kw) // stride + 1
-    x[:] = 0.0
-    for n in range(n_img):
-        for c in range(n_ch):
-            for i in range(kh):
-                for j in range(kw):
-                    r = (c * kh + i) * kw + j
-                    off = j - pad
-                    b0 = min(ow, max(0, (pad - j + stride - 1) // stride))
-                    b1 = max(b0, min(ow, (w - 1 - off) // stride + 1))
-                    for a in range(oh):
-                        ih = a * stride - pad + i
-                        if ih < 0 or ih >= h:
-                            continue
-                        base = a * ow
-                        for b in range(b0, b1):
-                            x[n, c, ih, b * stride + off] += cols[n, r, base + b]
-
-
-@nb.njit("void(f4[:, :, :, ::1], f4[:, ::1], i8, i8, i8, i8, i8, i8, i8)", **_JIT_PAR_FM)
+@nb.njit("void(f4[:, :, :, ::1], f4[:, ::1], i8, i8, i8, i8, i8, i8, i8)", **JIT_PARALLEL_FASTMATH)
 def _phases(x, out, s, sph, spw, pt, pl, hq, wq):  # pragma: no cover - compiled
     # out[(c*sph + pi)*spw + pj, n*hq*wq + r*wq + q] = x[n, c, s*r+pi-pt, s*q+pj-pl],
     # zero outside x; the tail after the last image is zero too
@@ -180,7 +121,7 @@ def _phases(x, out, s, sph, spw, pt, pl, hq, wq):  # pragma: no cover - compiled
 
 
 @nb.njit("void(f4[:, ::1], i8[::1], i8[::1], f4[:, ::1], i8, i8, i8, i8, i8, i8, i8,"
-         " i8, i8, i8, f4[:, :, :, ::1])", **_JIT_PAR_FM)
+         " i8, i8, i8, f4[:, :, :, ::1])", **JIT_PARALLEL_FASTMATH)
 def _conv_taps(xs, plane, off, wt, size, wq, nb_img, a0, a1, b0, b1, ds, dy, dx,
                y):  # pragma: no cover - compiled
     # acc_o[t] = sum_k wt[o, k] * xs[plane[k], start + off[k] + t] for the images of
@@ -247,7 +188,7 @@ def _conv_taps(xs, plane, off, wt, size, wq, nb_img, a0, a1, b0, b1, ds, dy, dx,
 
 
 @nb.njit("void(f4[:, ::1], f4[:, ::1], i8[::1], i8[::1], i8, i8, f4[:, :, ::1])",
-         **_JIT_PAR_FM)
+         **JIT_PARALLEL_FASTMATH)
 def _conv_taps_gw(xs, gs, plane, off, n_img, size, part):  # pragma: no cover - compiled
     # part[k, o, tap] = sum over the images of batch part k and t of
     # gs[o, t] * xs[plane[tap], t + off[tap]]; gs is zero on the garbage columns
@@ -318,31 +259,6 @@ def _conv_taps_gw(xs, gs, plane, off, n_img, size, part):  # pragma: no cover - 
                 pa[g] = s0
                 pb[g] = r0
                 g += 1
-
-
-def im2col(x: np.ndarray, kh: int, kw: int, stride: int, pad: int) -> np.ndarray:
-    """Unfold x (N, C, H, W) f4 into columns (N, C*kh*kw, OH*OW) f4.
-
-    A 1x1 kernel without padding needs no unfolding: that case returns a view or
-    a strided copy instead of calling the kernel.
-    """
-    n, c, h, w = x.shape
-    oh, ow = out_size(h, kh, stride, pad), out_size(w, kw, stride, pad)
-    if kh == 1 and kw == 1 and pad == 0:
-        sub = x if stride == 1 else x[:, :, ::stride, ::stride]
-        return np.ascontiguousarray(sub).reshape(n, c, oh * ow)
-    cols = np.empty((n, c * kh * kw, oh * ow), dtype=np.float32)
-    _im2col(x, cols, kh, kw, stride, pad)
-    return cols
-
-
-def col2im(cols: np.ndarray, shape: tuple, kh: int, kw: int, stride: int,
-           pad: int) -> np.ndarray:
-    """Fold columns (N, C*kh*kw, OH*OW) f4 back into ``shape`` (N, C, H, W), summing
-    where windows overlap (the adjoint of :func:`im2col`)."""
-    x = np.empty(shape, dtype=np.float32)
-    _col2im(np.ascontiguousarray(cols), x, kh, kw, stride, pad)
-    return x
 
 
 def _cdiv(a: int, b: int) -> int:

@@ -27,10 +27,10 @@ def _maxpool_forward(x, y, argmax, k, stride, pad):  # pragma: no cover - compil
                                 continue
                             v = x[n, c, ih, iw]
                             # NaN wins, so a diverged network stays visibly NaN
-                            if v > best or where < 0 or v != v:
+                            if v > best or where < 0 or np.isnan(v):
                                 best = v
                                 where = ih * w + iw
-                                if v != v:
+                                if np.isnan(v):
                                     break
                     y[n, c, a, b] = best
                     argmax[n, c, a, b] = where

@@ -46,7 +46,7 @@ def test_resnet8_one_epoch_on_cifar_subset_beats_chance(tmp_path):
     assert len(epochs) == 1
     assert epochs[0]["test_accuracy"] > 0.20
     assert np.isfinite(epochs[0]["train_loss"])
-    model, meta = checkpoint.load(out / "model.npz")
+    _, meta = checkpoint.load(out / "model.npz")
     assert meta["epoch"] == 1 and meta["dataset"] == "cifar10"
 
 
