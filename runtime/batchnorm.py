@@ -64,13 +64,14 @@ class BatchNorm2d(Layer):
             var = self.running_var.astype(np.float64)
         invstd = 1.0 / np.sqrt(var + self.eps)
         if not keeps_cache(train, grad):  # one pass: y = x * scale + shift
+            self._set_cache(None)
             scale = invstd * self.weight
             return norm.scale_shift(x, scale.astype(np.float32),
                                     (self.bias - mean * scale).astype(np.float32))
         # xhat = (x - mean) * invstd, kept for backward; y = xhat * weight + bias
         xhat = norm.scale_shift(x, invstd.astype(np.float32),
                                 (-mean * invstd).astype(np.float32))
-        self._cache = (xhat, invstd.astype(np.float32), train)
+        self._set_cache((xhat, invstd.astype(np.float32), train))
         return norm.scale_shift(xhat, self.weight, self.bias)
 
     def _update_running(self, mean, unbiased_var):

@@ -13,9 +13,12 @@ from __future__ import annotations
 import numpy as np
 
 from . import powerprop
+from .accounting import LayerCost, nbytes_of
 from .arrays import as_f32, check_ndim
 from .errors import ConfigError, ShapeError, StateError
-from .kernels import conv
+from .kernels import activation, conv, csr
+from .sparse import to_csr
+from .sparse_activation import ActivationSparsifier, SparseActivations
 
 
 class Layer:
@@ -47,6 +50,21 @@ class Layer:
         for child in self.children().values():
             child.zero_grad()
 
+    @property
+    def cost(self) -> LayerCost:
+        """Figures of the last forward/backward (see accounting.py)."""
+        cost = self.__dict__.get("_cost")
+        if cost is None:
+            cost = self._cost = LayerCost()
+        return cost
+
+    def _set_cache(self, cache, held: int | None = None, dense: int | None = None):
+        """Keep what backward needs (None: nothing) and record the bytes it holds."""
+        self._cache = cache
+        held = nbytes_of(cache) if held is None else held
+        self.cost.held_bytes = held
+        self.cost.dense_held_bytes = held if dense is None else dense
+
     def _take_cache(self):
         cache = self._cache
         if cache is None:
@@ -64,8 +82,25 @@ def keeps_cache(train: bool, grad: bool | None) -> bool:
     return train if grad is None else grad
 
 
+KERNELS = ("auto", "dense", "csr")
+
+
 class _Weighted(Layer):
-    """Shared parts of Conv2d and Linear: Powerprop weight ``v`` and optional bias."""
+    """Shared parts of Conv2d and Linear: Powerprop weight ``v``, optional bias, and
+    the sparse machinery.
+
+    Sparsity settings (all off by default, which is the plain dense layer):
+
+    * ``sparsifier``: an ActivationSparsifier; backward then keeps only the top
+      fraction of the input activations (SWAT), compressed, and computes the
+      weight gradient from them. Set with ``sparsify_activations``.
+    * ``weight_keep``: SWAT's forward weight sparsity (ZeroFL): the forward and
+      grad_input use only this top fraction of |w|; the weight gradient stays dense.
+    * ``kernel``: "auto" runs the CSR kernels when the weight density is below the
+      measured crossover (kernels/csr.py, ``prefer_csr``), "dense"/"csr" force one.
+    """
+
+    _kind = ""
 
     def __init__(self, shape: tuple, fan_in: int, bias: bool, alpha: float,
                  rng: np.random.Generator | None):
@@ -79,10 +114,32 @@ class _Weighted(Layer):
             bound = 1.0 / np.sqrt(fan_in)  # PyTorch's default bias init
             self.bias = rng.uniform(-bound, bound, shape[0]).astype(np.float32)
             self.grad_bias = np.zeros_like(self.bias)
+        self.sparsifier: ActivationSparsifier | None = None
+        self.weight_keep: float | None = None
+        self.kernel = "auto"
 
     def effective_weight(self) -> np.ndarray:
         """The weight used in the forward pass, w = v|v|^(alpha-1) (a copy if alpha>1)."""
         return powerprop.effective_weight(self.weight, self.alpha)[0]
+
+    def sparsify_activations(self, keep: float | None, refresh_every: int = 0) -> None:
+        """Keep only the top ``keep`` fraction of input activations for backward
+        (None or 1.0: keep the dense input). The threshold is exact on the next
+        batch, then reused; ``refresh_every`` > 0 recomputes it every that many
+        batches, 0 only after ``reset_thresholds()``."""
+        if keep is None or keep >= 1.0:
+            self.sparsifier = None
+            return
+        sp = self.sparsifier
+        if sp is not None and sp.refresh_every == refresh_every:
+            sp.keep_fraction = keep  # a changed fraction forces a refresh
+        else:
+            self.sparsifier = ActivationSparsifier(keep, refresh_every)
+
+    def reset_thresholds(self) -> None:
+        """Recompute the activation threshold exactly on the next batch."""
+        if self.sparsifier is not None:
+            self.sparsifier.reset()
 
     def params(self):
         p = {"weight": self.weight}
@@ -96,6 +153,45 @@ class _Weighted(Layer):
             g["bias"] = self.grad_bias
         return g
 
+    def _forward_weight(self):
+        """(w, dw/dv, CSR of w or None) for this forward pass."""
+        w, dw_dv = powerprop.effective_weight(self.weight, self.alpha)
+        keep = self.weight_keep
+        if keep is not None and keep < 1.0:
+            mag = np.abs(w).ravel()
+            k = max(1, round(keep * mag.size))
+            if k < mag.size:
+                mask = np.zeros(mag.size, dtype=np.float32)
+                mask[np.argpartition(mag, mag.size - k)[mag.size - k:]] = 1.0
+                w = w * mask.reshape(w.shape)
+        if self.kernel not in KERNELS:
+            raise ConfigError(f"{self!r}.kernel: expected one of {KERNELS}, "
+                              f"got {self.kernel!r}")
+        use_csr = self.kernel == "csr"
+        if self.kernel == "auto":
+            use_csr = csr.prefer_csr(np.count_nonzero(w) / w.size, self._kind)
+        return w, dw_dv, (to_csr(w) if use_csr else None)
+
+    def _keep_input(self, x: np.ndarray, train, grad) -> object:
+        """The input as backward will see it: dense, compressed top-k, or nothing."""
+        if not keeps_cache(train, grad):
+            return None
+        if self.sparsifier is None:
+            self.cost.act_keep = 1.0
+            return x
+        act = self.sparsifier.compress(x)
+        self.cost.act_keep = act.kept / x.size if x.size else 1.0
+        return act
+
+    def _record_forward(self, x, y, w, dw_dv, m, act):
+        dense = int(y.size) * int(w[0].size)
+        self.cost.dense_macs_forward = dense
+        self.cost.macs_forward = dense if m is None else (y.size // w.shape[0]) * m.nnz
+        self.cost.kernel = "dense" if m is None else "csr"
+        held = 0 if act is None else nbytes_of(act)
+        self._set_cache(None if act is None else (act, w, m, dw_dv),
+                        held=held, dense=0 if act is None else x.nbytes)
+
     def _accumulate_weight_grad(self, grad_w: np.ndarray, dw_dv) -> None:
         if dw_dv is not None:
             grad_w *= dw_dv
@@ -103,12 +199,14 @@ class _Weighted(Layer):
 
 
 class Conv2d(_Weighted):
-    """2-D convolution, groups=1, optionally Powerprop (alpha > 1).
+    """2-D convolution, groups=1, optionally Powerprop (alpha > 1) and sparse.
 
     y[n, o] = sum_c w[o, c] (*) x[n, c] + b[o], with w = v|v|^(alpha-1).
     x: (N, C, H, W) f4 -> y: (N, O, OH, OW) f4; weight ``v``: (O, C, kh, kw).
     See https://pytorch.org/docs/stable/generated/torch.nn.Conv2d.html
     """
+
+    _kind = "conv"
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *,
                  stride: int = 1, padding: int = 0, bias: bool = True,
@@ -133,31 +231,51 @@ class Conv2d(_Weighted):
         if x.shape[1] != self.in_channels:
             raise ShapeError(f"{what}: expected x of shape (N, {self.in_channels}, H, W),"
                              f" got {tuple(x.shape)}")
-        k, p = self.kernel_size, self.padding
+        k, p, s = self.kernel_size, self.padding, self.stride
         if x.shape[2] + 2 * p < k or x.shape[3] + 2 * p < k:
             raise ShapeError(f"{what}: expected an image of at least {k - 2 * p}x"
                              f"{k - 2 * p} pixels, got {x.shape[2]}x{x.shape[3]}")
-        w, dw_dv = powerprop.effective_weight(self.weight, self.alpha)
-        y = conv.conv2d_forward(x, w, self.stride, p)
+        w, dw_dv, m = self._forward_weight()
+        if m is None:
+            y = conv.conv2d_forward(x, w, s, p)
+        else:
+            y = csr.csr_conv2d_forward(x, m.data, m.indices, m.indptr, w.shape, s, p)
         if self.bias is not None:
             y += self.bias[None, :, None, None]
-        self._cache = (x, w, dw_dv) if keeps_cache(train, grad) else None
+        self._record_forward(x, y, w, dw_dv, m, self._keep_input(x, train, grad))
         return y
 
     def backward(self, grad_out):
-        x, w, dw_dv = self._take_cache()
+        act, w, m, dw_dv = self._take_cache()
+        shape = act.shape
         g = as_f32(grad_out, f"{self!r}.backward")
-        n, _, h, wd = x.shape
-        oh = conv.out_size(h, self.kernel_size, self.stride, self.padding)
-        ow = conv.out_size(wd, self.kernel_size, self.stride, self.padding)
+        n, _, h, wd = shape
+        k, p, s = self.kernel_size, self.padding, self.stride
+        oh, ow = conv.out_size(h, k, s, p), conv.out_size(wd, k, s, p)
         if g.shape != (n, self.out_channels, oh, ow):
             raise ShapeError(f"{self!r}.backward: expected grad_out of shape "
                              f"{(n, self.out_channels, oh, ow)}, got {tuple(g.shape)}")
-        grad_w = conv.conv2d_grad_weight(x, g, w.shape, self.stride, self.padding)
+        cost = self.cost
+        dense_macs = g.size * w[0].size
+        cost.dense_macs_grad_weight = cost.dense_macs_grad_input = dense_macs
+        if isinstance(act, SparseActivations):
+            idx, vals = act.indices(), act.values
+            grad_w = activation.conv2d_grad_weight_sparse(idx, vals, shape, g, w.shape,
+                                                          s, p)
+            cost.macs_grad_weight = activation.conv2d_grad_weight_sparse_macs(
+                idx, shape, g.shape, w.shape, s, p)
+        else:
+            grad_w = conv.conv2d_grad_weight(act, g, w.shape, s, p)
+            cost.macs_grad_weight = dense_macs
         self._accumulate_weight_grad(grad_w, dw_dv)
         if self.bias is not None:
             self.grad_bias += g.sum(axis=(0, 2, 3))
-        return conv.conv2d_grad_input(g, w, x.shape, self.stride, self.padding)
+        if m is None:
+            cost.macs_grad_input = dense_macs
+            return conv.conv2d_grad_input(g, w, shape, s, p)
+        cost.macs_grad_input = (g.size // w.shape[0]) * m.nnz
+        return csr.csr_conv2d_grad_input(g, m.data, m.indices, m.indptr, w.shape, shape,
+                                         s, p)
 
     def __repr__(self):
         extra = "" if self.alpha == 1.0 else f", alpha={self.alpha}"
@@ -167,11 +285,13 @@ class Conv2d(_Weighted):
 
 
 class Linear(_Weighted):
-    """Fully connected layer, optionally Powerprop: y = x @ w.T + b.
+    """Fully connected layer, optionally Powerprop and sparse: y = x @ w.T + b.
 
     x: (N, in_features) f4 -> y: (N, out_features) f4; weight ``v``: (out, in).
     See https://pytorch.org/docs/stable/generated/torch.nn.Linear.html
     """
+
+    _kind = "linear"
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool = True,
                  alpha: float = 1.0, rng: np.random.Generator | None = None):
@@ -187,23 +307,40 @@ class Linear(_Weighted):
             hint = "; flatten first" if x.ndim > 2 else ""
             raise ShapeError(f"{self!r}.forward: expected x of shape "
                              f"(N, {self.in_features}), got {tuple(x.shape)}{hint}")
-        w, dw_dv = powerprop.effective_weight(self.weight, self.alpha)
-        y = x @ w.T
+        w, dw_dv, m = self._forward_weight()
+        if m is None:
+            y = x @ w.T
+        else:
+            y = csr.csr_linear_forward(x, m.data, m.indices, m.indptr, self.out_features)
         if self.bias is not None:
             y += self.bias
-        self._cache = (x, w, dw_dv) if keeps_cache(train, grad) else None
+        self._record_forward(x, y, w, dw_dv, m, self._keep_input(x, train, grad))
         return y
 
     def backward(self, grad_out):
-        x, w, dw_dv = self._take_cache()
+        act, w, m, dw_dv = self._take_cache()
         g = as_f32(grad_out, f"{self!r}.backward")
-        if g.shape != (x.shape[0], self.out_features):
+        if g.shape != (act.shape[0], self.out_features):
             raise ShapeError(f"{self!r}.backward: expected grad_out of shape "
-                             f"{(x.shape[0], self.out_features)}, got {tuple(g.shape)}")
-        self._accumulate_weight_grad(g.T @ x, dw_dv)
+                             f"{(act.shape[0], self.out_features)}, got {tuple(g.shape)}")
+        cost = self.cost
+        dense_macs = g.size * self.in_features
+        cost.dense_macs_grad_weight = cost.dense_macs_grad_input = dense_macs
+        if isinstance(act, SparseActivations):
+            idx = act.indices()
+            grad_w = activation.linear_grad_weight_sparse(idx, act.values, act.shape, g)
+            cost.macs_grad_weight = int(idx.size) * self.out_features
+        else:
+            grad_w = g.T @ act
+            cost.macs_grad_weight = dense_macs
+        self._accumulate_weight_grad(grad_w, dw_dv)
         if self.bias is not None:
             self.grad_bias += g.sum(axis=0)
-        return g @ w
+        if m is None:
+            cost.macs_grad_input = dense_macs
+            return g @ w
+        cost.macs_grad_input = g.shape[0] * m.nnz
+        return csr.csr_linear_grad_input(g, m.data, m.indices, m.indptr, self.in_features)
 
     def __repr__(self):
         extra = "" if self.alpha == 1.0 else f", alpha={self.alpha}"
@@ -217,7 +354,9 @@ class ReLU(Layer):
     def forward(self, x, train, grad=None):
         x = as_f32(x, "ReLU.forward")
         if keeps_cache(train, grad):
-            self._cache = x > 0
+            self._set_cache(x > 0)
+        else:
+            self._set_cache(None)
         return np.maximum(x, np.float32(0.0))  # keeps NaN visible, as torch does
 
     def backward(self, grad_out):
@@ -234,7 +373,7 @@ class Flatten(Layer):
 
     def forward(self, x, train, grad=None):
         x = as_f32(x, "Flatten.forward")
-        self._cache = x.shape if keeps_cache(train, grad) else None
+        self._set_cache(x.shape if keeps_cache(train, grad) else None)
         return x.reshape(x.shape[0], -1)
 
     def backward(self, grad_out):

@@ -162,10 +162,13 @@ class BasicBlock(Module):
                 BatchNorm2d(planes)])
 
     def children(self):
-        kids = {"conv1": self.conv1, "bn1": self.bn1, "conv2": self.conv2,
-                "bn2": self.bn2}
+        # torchvision's order; the ReLUs hold no tensors but belong to the tree
+        # (cost accounting walks it)
+        kids = {"conv1": self.conv1, "bn1": self.bn1, "relu1": self.relu1,
+                "conv2": self.conv2, "bn2": self.bn2}
         if self.downsample is not None:
             kids["downsample"] = self.downsample
+        kids["relu2"] = self.relu2
         return kids
 
     def forward(self, x, train, grad=None):

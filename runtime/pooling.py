@@ -33,7 +33,7 @@ class MaxPool2d(Layer):
             raise ShapeError(f"{self!r}.forward: expected an image of at least "
                              f"{k - 2 * p}x{k - 2 * p}, got {x.shape[2]}x{x.shape[3]}")
         y, argmax = pool.maxpool2d_forward(x, k, self.stride, p)
-        self._cache = (argmax, x.shape) if keeps_cache(train, grad) else None
+        self._set_cache((argmax, x.shape) if keeps_cache(train, grad) else None)
         return y
 
     def backward(self, grad_out):
@@ -55,7 +55,7 @@ class GlobalAvgPool2d(Layer):
     def forward(self, x, train, grad=None):
         x = as_f32(x, "GlobalAvgPool2d.forward")
         check_ndim(x, 4, "GlobalAvgPool2d.forward", "(N, C, H, W)")
-        self._cache = x.shape if keeps_cache(train, grad) else None
+        self._set_cache(x.shape if keeps_cache(train, grad) else None)
         return x.mean(axis=(2, 3), keepdims=True, dtype=np.float32)
 
     def backward(self, grad_out):

@@ -2,7 +2,8 @@
 
 ``python -m sparsefedpp.tools.bench_worker TASK --framework ours|torch ...`` where
 TASK is ``speed`` (train-step and inference times), ``rss`` (RSS after imports and
-peak RSS of a few train steps) or ``first-step`` (import + build + one train step).
+peak RSS of a few train steps), ``first-step`` (import + build + one train step)
+or ``sparse`` (our engine at a given weight/activation sparsity).
 
 One framework per process, because torch's OpenMP threads keep spinning after a
 torch call and add a floor of milliseconds to every NumPy call made in the same
@@ -261,7 +262,50 @@ def task_first_step(fw, args) -> dict:
             "step_s": end - t_build, "in_process_s": end - _T0}
 
 
-TASKS = {"speed": task_speed, "rss": task_rss, "first-step": task_first_step}
+def task_sparse(fw, args) -> dict:
+    """Our engine at weight/activation sparsity S (``bench-sparse``).
+
+    Every conv/linear layer is pruned to S on its own (uniform sparsity, so no layer
+    vanishes) with Powerprop alpha (default 1.25; its zeros stay zero through the
+    SGD steps) and keeps the top 1 - S of its input activations for backward.
+    Times train steps and inference (kernels picked automatically, then forced
+    dense), and reads the cost report of one step and the peak RSS.
+    """
+    rt = fw.rt
+    from sparsefedpp.runtime import accounting, activation_policy, pruning
+
+    s = args.sparsity
+    fw.model = rt.build(args.model, alpha=args.alpha, seed=args.seed)
+    fw.opt = rt.SGD(fw.model.params(), fw.model.grads(), LR, momentum=MOMENTUM,
+                    weight_decay=WEIGHT_DECAY)
+    if s > 0:
+        pruning.prune(fw.model, s, scope="layer")
+        activation_policy.fixed(fw.model, s, refresh_every=10, first_layer_dense=False,
+                                weights=False)
+    x, y = make_batch(args.batch_size, args.seed)
+    for _ in range(args.warmup):
+        fw.train_step(x, y)
+    out = {"train_ms": [timed(fw.train_step, x, y) for _ in range(args.repeats)]}
+    totals = accounting.cost_report(fw.model).totals
+    out["cost"] = totals
+    out["weight_sparsity"] = pruning.global_sparsity(fw.model)
+    for _ in range(args.warmup):
+        fw.infer(x)
+    out["infer_ms"] = [timed(fw.infer, x) for _ in range(args.repeats)]
+    layers = pruning.prunable_layers(fw.model).values()
+    for layer in layers:
+        layer.kernel = "dense"
+    for _ in range(args.warmup):
+        fw.infer(x)
+    out["infer_dense_ms"] = [timed(fw.infer, x) for _ in range(args.repeats)]
+    out["peak_rss_mb"] = peak_rss_mb()
+    out["sparsity"] = s
+    out["alpha"] = args.alpha
+    return out
+
+
+TASKS = {"speed": task_speed, "rss": task_rss, "first-step": task_first_step,
+         "sparse": task_sparse}
 
 
 def emit(record: dict) -> None:
@@ -282,6 +326,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--state", default=None, help="npz of our model's state_dict")
+    p.add_argument("--sparsity", type=float, default=0.0, help="task sparse: S")
+    p.add_argument("--alpha", type=float, default=1.25, help="task sparse: Powerprop")
     p.add_argument("--logits-out", default=None, help="save eval logits (.npy)")
     p.add_argument("--logits-ref", default=None, help="compare eval logits (.npy)")
     return p.parse_args(argv)

@@ -8,7 +8,7 @@ import sys
 
 from sparsefedpp.runtime.errors import SparseFedError
 
-COMMANDS = ("train", "evaluate", "bench")
+COMMANDS = ("train", "evaluate", "bench", "bench-sparse", "cost")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,7 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
-        importlib.import_module(f"sparsefedpp.tools.cmd_{name}").add_parser(sub)
+        module = "cmd_" + name.replace("-", "_")
+        importlib.import_module(f"sparsefedpp.tools.{module}").add_parser(sub)
     return parser
 
 

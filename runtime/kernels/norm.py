@@ -1,21 +1,23 @@
 """Batch-normalisation kernels over NCHW: per-channel statistics in one pass each.
 
 NumPy's reductions over axes (0, 2, 3) walk memory with strides; these loops read
-each (n, c) plane contiguously. Sums are accumulated in float64 so that the
+each (n, c) plane contiguously, in parallel over channels (reductions) or over
+(n, c) planes (elementwise). Sums are accumulated in float64 so that the
 statistics of large batches stay exact to float32 precision.
 """
 
 import numba as nb
 import numpy as np
+from numba import prange
 
-from .config import JIT
+from .config import JIT_PARALLEL_FASTMATH as JIT
 
 
 @nb.njit("void(f4[:, :, :, ::1], f8[::1], f8[::1])", **JIT)
 def _channel_mean_var(x, mean, var):  # pragma: no cover - compiled
     n_img, n_ch, h, w = x.shape
     count = n_img * h * w
-    for c in range(n_ch):
+    for c in prange(n_ch):
         s = 0.0
         for n in range(n_img):
             plane = x[n, c]
@@ -37,19 +39,20 @@ def _channel_mean_var(x, mean, var):  # pragma: no cover - compiled
 @nb.njit("void(f4[:, :, :, ::1], f4[::1], f4[::1], f4[:, :, :, ::1])", **JIT)
 def _scale_shift(x, scale, shift, y):  # pragma: no cover - compiled
     n_img, n_ch, h, w = x.shape
-    for n in range(n_img):
-        for c in range(n_ch):
-            a = scale[c]
-            b = shift[c]
-            for i in range(h):
-                for j in range(w):
-                    y[n, c, i, j] = x[n, c, i, j] * a + b
+    for nc in prange(n_img * n_ch):
+        n = nc // n_ch
+        c = nc % n_ch
+        a = scale[c]
+        b = shift[c]
+        for i in range(h):
+            for j in range(w):
+                y[n, c, i, j] = x[n, c, i, j] * a + b
 
 
 @nb.njit("void(f4[:, :, :, ::1], f4[:, :, :, ::1], f8[::1], f8[::1])", **JIT)
 def _grad_sums(grad_out, xhat, sum_g, sum_gx):  # pragma: no cover - compiled
     n_img, n_ch, h, w = grad_out.shape
-    for c in range(n_ch):
+    for c in prange(n_ch):
         s = 0.0
         sx = 0.0
         for n in range(n_img):
@@ -67,15 +70,16 @@ def _grad_sums(grad_out, xhat, sum_g, sum_gx):  # pragma: no cover - compiled
 def _bn_grad_input(grad_out, xhat, a, b, k, grad_in):  # pragma: no cover - compiled
     # grad_in = a*g - b - k*xhat per channel (train-mode batch-norm adjoint)
     n_img, n_ch, h, w = grad_out.shape
-    for n in range(n_img):
-        for c in range(n_ch):
-            ac = a[c]
-            bc = b[c]
-            kc = k[c]
-            for i in range(h):
-                for j in range(w):
-                    grad_in[n, c, i, j] = (ac * grad_out[n, c, i, j] - bc
-                                           - kc * xhat[n, c, i, j])
+    for nc in prange(n_img * n_ch):
+        n = nc // n_ch
+        c = nc % n_ch
+        ac = a[c]
+        bc = b[c]
+        kc = k[c]
+        for i in range(h):
+            for j in range(w):
+                grad_in[n, c, i, j] = (ac * grad_out[n, c, i, j] - bc
+                                       - kc * xhat[n, c, i, j])
 
 
 def channel_mean_var(x: np.ndarray):

@@ -1,0 +1,469 @@
+"""Sparse (CSR-weight) kernels for conv and linear layers: forward and grad_input.
+
+Weights arrive as SciPy-named CSR arrays (``runtime/sparse.py``): ``data`` f4,
+``indices`` i4, ``indptr`` i8, a conv weight (O, C, kh, kw) as the O x (C*kh*kw)
+matrix with column ``c*kh*kw + i*kw + j``.
+
+How they work
+-------------
+Both are the direct convolution of ``kernels/conv.py`` (read its docstring) with the
+dense tap list replaced by the nonzeros. Everything is one gather kernel,
+``_gather_taps``: for each group g (an output channel, or an input channel and
+phase) and a chunk of images,
+
+    acc[t] = sum over the entries e of group g of
+             val[e] * src[plane[e]][start + off[e] + t]
+
+over one long contiguous range of t, then acc is copied to its (strided) place in
+the output. Eight entries per pass (9 loads, 1 store, 8 FMA per vector), then 4,
+then 1: 8 ran 10-20 % faster than 4 (single thread, density 0.3, 16@32x32,
+64@8x8, 32@16x16 s2, 256@8x8). prange over (image chunk, group): groups write
+disjoint outputs, so there are no races, and every output element is summed in
+one fixed order whatever the thread count (results are deterministic).
+
+* conv forward: groups = rows of the CSR (output channels), src = phase planes of
+  x (``conv._planes``), entry = nonzero (o, c, i, j) -> plane (c, i%s, j%s),
+  offset (i//s)*WQ + j//s, exactly as ``conv._forward_taps`` but in CSR order.
+* conv grad_input: the polyphase form of ``conv.conv2d_grad_input``, for every
+  stride: a counting sort (O(nnz), ``_group_entries``) regroups the
+  nonzeros by (input channel c, phase i%s, j%s), i.e. the CSC of the weight split
+  by phase; each group is a stride-1 correlation of grad_out written to rows
+  s*a + pi - pad, columns s*b + pj - pad of dL/dx; a phase with no nonzero (1x1
+  stride 2: three of four) writes zeros. For stride 1 the grid is the tight
+  (H + kh - 1) x (W + kw - 1) of conv.py's flipped-kernel path.
+* linear: the same kernel with images of one pixel: forward reads x.T rows
+  (groups = rows of w), grad_input reads grad_out.T rows (groups = columns of w).
+
+Work: an empty group costs only the zero writes of its output; nnz = 0 returns
+zeros without touching the input. Zeros are skipped, so a NaN/inf in x that meets
+only zero weights does not propagate (the dense kernels give 0 * NaN = NaN); a NaN
+weight does. MACs executed are not nnz * N * OH * OW: per nonzero and image chunk
+the vector loop runs over the chunk's grid (HQ x WQ for forward, HQ =
+ceil((H+2p)/s); grad_input: the phase's rows on a grid widened by (k-1)//s) from
+the first to the last output pixel, rounded up to 32 floats. Executed / (nnz * N *
+OH * OW) at N=32, forward | grad_input: 3x3 s1 p1 at 32x32 1.06 | 1.06, 16x16
+1.25 | 1.25, 8x8 1.55 | 1.55, 4x4 2.25 | 2.25; 3x3 s2 p1 32->16 1.13 | 1.25,
+16->8 1.27 | 1.55; 1x1 s2 1.00 | 1.00; linear 1.00 (N a multiple of 32). The
+extra is the grid's garbage columns, as in the dense conv.
+
+Measured (``NUMBA_NUM_THREADS=2 python tools/bench_csr.py``, batch 32, 2-core
+shared Xeon, medians, ms; see ``_CROSSOVER`` for the chosen thresholds):
+
+    TODO-BENCH
+"""
+
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+
+from ..arrays import as_f32, check_ndim
+from ..errors import ConfigError, DTypeError, ShapeError
+from ..sparse import check_csr
+from . import conv
+from .config import JIT, JIT_PARALLEL, JIT_PARALLEL_FASTMATH
+
+_VL = 32  # vector loops are rounded up to this many floats (as in conv.py)
+_PARALLEL_NNZ = 1 << 17  # transposes of fewer nonzeros run serially (~1 ms)
+
+# Density at or below which CSR forward + grad_input beats the dense kernels
+# (conv.py for conv, NumPy matmul for linear); measured, see the module docstring.
+_CROSSOVER = {"conv": 0.3, "linear": 0.1}
+
+
+@nb.njit("void(f4[:, ::1], i8[::1], i8[::1], i8[::1], f4[::1], i8, i8, i8, i8,"
+         " i8[:, ::1], f4[:, :, :, ::1])", **JIT_PARALLEL_FASTMATH)
+def _gather_taps(src, ptr, plane, off, val, size, wq, nb_img, ds, box,
+                 out):  # pragma: no cover - compiled
+    # group g = ch * n_ph + ph, entries ptr[g]:ptr[g+1]; box[ph] = (a0, a1, b0, b1,
+    # dy, dx). acc[t] = sum_e val[e] * src[plane[e], start + off[e] + t] with
+    # t = image*size + a*wq + b - t0, then out[n, ch, a*ds + dy, b*ds + dx] = acc
+    n_img = out.shape[0]
+    n_ph = box.shape[0]
+    n_grp = ptr.shape[0] - 1
+    n_chunk = (n_img + nb_img - 1) // nb_img
+    for idx in nb.prange(n_chunk * n_grp):
+        ck = idx // n_grp
+        grp = idx % n_grp
+        ch = grp // n_ph
+        bx = box[grp % n_ph]
+        a0 = bx[0]
+        a1 = bx[1]
+        b0 = bx[2]
+        b1 = bx[3]
+        dy = bx[4]
+        dx = bx[5]
+        if a1 <= a0 or b1 <= b0:
+            continue
+        n_lo = ck * nb_img
+        n_hi = min(n_img, n_lo + nb_img)
+        k0 = ptr[grp]
+        k1 = ptr[grp + 1]
+        if k0 == k1:  # empty group: zero output, no work
+            for n in range(n_lo, n_hi):
+                for a in range(a0, a1):
+                    row = out[n, ch, a * ds + dy]
+                    for b in range(b0, b1):
+                        row[b * ds + dx] = 0.0
+            continue
+        t0 = a0 * wq + b0
+        start = n_lo * size + t0
+        length = ((n_hi - n_lo - 1) * size + (a1 - 1) * wq + b1 - t0 + _VL - 1
+                  ) // _VL * _VL
+        acc = np.zeros(length, dtype=np.float32)
+        k = k0
+        while k + 8 <= k1:
+            u0 = val[k]
+            u1 = val[k + 1]
+            u2 = val[k + 2]
+            u3 = val[k + 3]
+            u4 = val[k + 4]
+            u5 = val[k + 5]
+            u6 = val[k + 6]
+            u7 = val[k + 7]
+            x0 = src[plane[k]][start + off[k]:]
+            x1 = src[plane[k + 1]][start + off[k + 1]:]
+            x2 = src[plane[k + 2]][start + off[k + 2]:]
+            x3 = src[plane[k + 3]][start + off[k + 3]:]
+            x4 = src[plane[k + 4]][start + off[k + 4]:]
+            x5 = src[plane[k + 5]][start + off[k + 5]:]
+            x6 = src[plane[k + 6]][start + off[k + 6]:]
+            x7 = src[plane[k + 7]][start + off[k + 7]:]
+            for t in range(length):
+                acc[t] += ((u0 * x0[t] + u1 * x1[t] + u2 * x2[t] + u3 * x3[t])
+                           + (u4 * x4[t] + u5 * x5[t] + u6 * x6[t] + u7 * x7[t]))
+            k += 8
+        if k + 4 <= k1:
+            u0 = val[k]
+            u1 = val[k + 1]
+            u2 = val[k + 2]
+            u3 = val[k + 3]
+            x0 = src[plane[k]][start + off[k]:]
+            x1 = src[plane[k + 1]][start + off[k + 1]:]
+            x2 = src[plane[k + 2]][start + off[k + 2]:]
+            x3 = src[plane[k + 3]][start + off[k + 3]:]
+            for t in range(length):
+                acc[t] += u0 * x0[t] + u1 * x1[t] + u2 * x2[t] + u3 * x3[t]
+            k += 4
+        while k < k1:
+            u0 = val[k]
+            x0 = src[plane[k]][start + off[k]:]
+            for t in range(length):
+                acc[t] += u0 * x0[t]
+            k += 1
+        for n in range(n_lo, n_hi):
+            for a in range(a0, a1):
+                base = (n - n_lo) * size + a * wq - t0
+                row = out[n, ch, a * ds + dy]
+                for b in range(b0, b1):
+                    row[b * ds + dx] = acc[base + b]
+
+
+@nb.njit("void(i4[::1], i8[::1], i8[::1], i8[:, ::1], i8)", **JIT)
+def _count_block(indices, indptr, col_group, fill, b):  # pragma: no cover - compiled
+    # fill[b, g] += number of nonzeros in group g among the rows of block b
+    n_part = fill.shape[0]
+    n_row = indptr.shape[0] - 1
+    cnt = fill[b]
+    for r in range(b * n_row // n_part, (b + 1) * n_row // n_part):
+        for k in range(indptr[r], indptr[r + 1]):
+            cnt[col_group[indices[k]]] += 1
+
+
+@nb.njit("void(i8[:, ::1], i8[::1])", **JIT)
+def _scan_blocks(fill, gptr):  # pragma: no cover - compiled
+    # counts -> first slot of block b in group g (groups in order, then blocks)
+    n_part, n_grp = fill.shape
+    total = 0
+    for g in range(n_grp):
+        gptr[g] = total
+        for b in range(n_part):
+            num = fill[b, g]
+            fill[b, g] = total
+            total += num
+    gptr[n_grp] = total
+
+
+@nb.njit("void(i4[::1], i8[::1], f4[::1], i8[::1], i8[::1], i8[:, ::1], i8, i8[::1],"
+         " i8[::1], f4[::1])", **JIT)
+def _fill_block(indices, indptr, data, col_group, col_off, fill, b, grow, goff,
+                gval):  # pragma: no cover - compiled
+    # the entries of the rows of block b, to their groups' slots in row order
+    n_part = fill.shape[0]
+    n_row = indptr.shape[0] - 1
+    pos = fill[b]
+    for r in range(b * n_row // n_part, (b + 1) * n_row // n_part):
+        for k in range(indptr[r], indptr[r + 1]):
+            col = indices[k]
+            e = pos[col_group[col]]
+            grow[e] = r
+            goff[e] = col_off[col]
+            gval[e] = data[k]
+            pos[col_group[col]] = e + 1
+
+
+_GROUP_SIG = ("void(i4[::1], i8[::1], f4[::1], i8[::1], i8[::1], i8[:, ::1], i8[::1],"
+              " i8[::1], i8[::1], f4[::1])")
+
+
+@nb.njit(_GROUP_SIG, **JIT)
+def _group_entries(indices, indptr, data, col_group, col_off, fill, gptr, grow, goff,
+                   gval):  # pragma: no cover - compiled
+    # counting sort of the nonzeros by col_group[column] (the CSR -> CSC step):
+    # group g gets entries gptr[g]:gptr[g+1] in row order, each with its row (grow),
+    # col_off[column] (goff) and value (gval); fill (n_blocks, n_groups) is zeroed
+    for b in range(fill.shape[0]):
+        _count_block(indices, indptr, col_group, fill, b)
+    _scan_blocks(fill, gptr)
+    for b in range(fill.shape[0]):
+        _fill_block(indices, indptr, data, col_group, col_off, fill, b, grow, goff,
+                    gval)
+
+
+@nb.njit(_GROUP_SIG, **JIT_PARALLEL)
+def _group_entries_parallel(indices, indptr, data, col_group, col_off, fill, gptr,
+                            grow, goff, gval):  # pragma: no cover - compiled
+    # _group_entries with prange over the row blocks (one per thread)
+    for b in nb.prange(fill.shape[0]):
+        _count_block(indices, indptr, col_group, fill, b)
+    _scan_blocks(fill, gptr)
+    for b in nb.prange(fill.shape[0]):
+        _fill_block(indices, indptr, data, col_group, col_off, fill, b, grow, goff,
+                    gval)
+
+
+def _transposed(data, indices, indptr, col_group, col_off, n_group: int):
+    """(gptr, rows, offsets, values) of the entries grouped by col_group[column]."""
+    nnz = data.shape[0]
+    # a parallel region costs a thread wake-up (a scheduler quantum, ~10 ms, when
+    # the cores are busy): only worth it for large matrices
+    is_parallel = nnz >= _PARALLEL_NNZ and nb.get_num_threads() > 1
+    n_part = min(indptr.shape[0] - 1, nb.get_num_threads()) if is_parallel else 1
+    fill = np.zeros((n_part, n_group), dtype=np.int64)
+    gptr = np.empty(n_group + 1, dtype=np.int64)
+    grow = np.empty(nnz, dtype=np.int64)
+    goff = np.empty(nnz, dtype=np.int64)
+    gval = np.empty(nnz, dtype=np.float32)
+    kernel = _group_entries_parallel if is_parallel else _group_entries
+    kernel(indices, indptr, data, np.array(col_group, np.int64),
+           np.array(col_off, np.int64), fill, gptr, grow, goff, gval)
+    return gptr, grow, goff, gval
+
+
+def _chunk(n: int, size: int) -> int:
+    """Images per vector loop: about conv._chunk(size), evened out over the batch
+    (N=32 at 8x8: 16 + 16, not 20 + 12, which left a thread idle)."""
+    num = -(-n // conv._chunk(size))
+    return -(-n // num)
+
+
+def _csr_args(data, indices, indptr, shape: tuple, what: str):
+    """(data f4, indices i4, indptr i8), C-contiguous and writable, bounds-checked."""
+    out = []
+    for name, arr, kinds, dtype in (("data", data, "f", np.float32),
+                                    ("indices", indices, "iu", np.int32),
+                                    ("indptr", indptr, "iu", np.int64)):
+        arr = np.asarray(arr)
+        if arr.dtype.kind not in kinds:
+            raise DTypeError(f"{what}: expected {name} of dtype "
+                             f"{np.dtype(dtype)}, got {arr.dtype}")
+        out.append(np.require(arr, dtype, ["C", "W"]))
+    check_csr(*out, shape, check_sorted=False)
+    return out
+
+
+def _kshape(kshape, what: str) -> tuple:
+    if len(kshape) != 4 or min(kshape) < 0 or min(kshape[2:]) < 1:
+        raise ConfigError(f"{what}: expected kshape (O, C, kh, kw) with kh, kw >= 1, "
+                          f"got {tuple(kshape)}")
+    return tuple(int(k) for k in kshape)
+
+
+def _geometry(h: int, w: int, kh: int, kw: int, stride, pad, what: str):
+    """(oh, ow) of the conv; ConfigError for a stride, pad or kernel that cannot run."""
+    if int(stride) != stride or stride < 1 or int(pad) != pad or pad < 0:
+        raise ConfigError(f"{what}: expected integer stride >= 1 and pad >= 0, got "
+                          f"stride={stride}, pad={pad}")
+    if h + 2 * pad < kh or w + 2 * pad < kw:
+        raise ConfigError(f"{what}: expected a padded input of at least {kh}x{kw}, "
+                          f"got {h}x{w} with pad {pad}; lower the kernel or pad more")
+    return conv.out_size(h, kh, stride, pad), conv.out_size(w, kw, stride, pad)
+
+
+def csr_conv2d_forward(x: np.ndarray, data, indices, indptr, kshape: tuple,
+                       stride: int, pad: int) -> np.ndarray:
+    """y = conv(x, w) with w in CSR; same result as ``conv.conv2d_forward``.
+
+    Wraps ``_gather_taps`` (groups = output channels).
+
+    Parameters
+    ----------
+    x : (N, C, H, W) float32 (converted once if not C-contiguous float32)
+    data, indices, indptr : CSR of w as the O x (C*kh*kw) matrix (f4, i4, i8)
+    kshape : (O, C, kh, kw), the dense weight shape
+    stride, pad : ints, stride >= 1, pad >= 0 (both axes)
+
+    Returns
+    -------
+    y : (N, O, OH, OW) float32
+    """
+    what = "csr_conv2d_forward"
+    # writable: conv._phases has no read-only signature (decoded buffers are read-only)
+    x = np.require(as_f32(x, f"{what}: x"), requirements=["W"])
+    check_ndim(x, 4, what, "(N, C, H, W)")
+    o, c, kh, kw = _kshape(kshape, what)
+    if x.shape[1] != c:
+        raise ShapeError(f"{what}: expected x with C={c} channels (kshape {kshape}), "
+                         f"got {x.shape}")
+    data, indices, indptr = _csr_args(data, indices, indptr, (o, c * kh * kw), what)
+    n, _, h, wd = x.shape
+    oh, ow = _geometry(h, wd, kh, kw, stride, pad, what)
+    s, p = int(stride), int(pad)
+    if data.shape[0] == 0 or n == 0 or o == 0:
+        return np.zeros((n, o, oh, ow), dtype=np.float32)
+    hq, wq = -(-(h + 2 * p) // s), -(-(wd + 2 * p) // s)
+    sph, spw, plane, off, order = conv._forward_taps(c, kh, kw, s, wq)
+    tap_plane = np.empty_like(plane)
+    tap_off = np.empty_like(off)
+    tap_plane[order] = plane  # back to the (c, i, j) column order of the CSR
+    tap_off[order] = off
+    xs = conv._planes(x, s, sph, spw, p, p, hq, wq)
+    y = np.empty((n, o, oh, ow), dtype=np.float32)
+    box = np.array([[0, oh, 0, ow, 0, 0]], dtype=np.int64)
+    size = hq * wq
+    _gather_taps(xs, indptr, tap_plane[indices], tap_off[indices], data, size, wq,
+                 _chunk(n, size), 1, box, y)
+    return y
+
+
+def csr_conv2d_grad_input(grad_out: np.ndarray, data, indices, indptr,
+                          kshape: tuple, in_shape: tuple, stride: int,
+                          pad: int) -> np.ndarray:
+    """dL/dx (N, C, H, W) f4 from grad_out and w in CSR; = ``conv.conv2d_grad_input``.
+
+    Polyphase for every stride (see the module docstring); wraps
+    ``_group_entries`` (the transpose) and ``_gather_taps``.
+
+    Parameters
+    ----------
+    grad_out : (N, O, OH, OW) float32
+    data, indices, indptr : CSR of w as the O x (C*kh*kw) matrix (f4, i4, i8)
+    kshape : (O, C, kh, kw); in_shape : (N, C, H, W) of the layer input
+    stride, pad : as in the forward call
+    """
+    what = "csr_conv2d_grad_input"
+    g = np.require(as_f32(grad_out, f"{what}: grad_out"), requirements=["W"])
+    o, c, kh, kw = _kshape(kshape, what)
+    if len(in_shape) != 4 or in_shape[1] != c:
+        raise ShapeError(f"{what}: expected in_shape (N, {c}, H, W), got {in_shape}")
+    n, _, h, wd = (int(d) for d in in_shape)
+    oh, ow = _geometry(h, wd, kh, kw, stride, pad, what)
+    if g.shape != (n, o, oh, ow):
+        raise ShapeError(f"{what}: expected grad_out of shape {(n, o, oh, ow)}, got "
+                         f"{g.shape}")
+    data, indices, indptr = _csr_args(data, indices, indptr, (o, c * kh * kw), what)
+    s, p = int(stride), int(pad)
+    if data.shape[0] == 0 or n * c * h * wd == 0:
+        return np.zeros((n, c, h, wd), dtype=np.float32)
+    # rows a of phase pi of the padded dL/dx that land inside x: [r0, r1); the
+    # grid starts at the first such row of any phase (a - rmin), so that stride 1
+    # gets the tight (H + kh - 1) x (W + kw - 1) grid of conv.py's flipped-kernel
+    # path, not the padded (H + 2p + kh - 1) one
+    hq, wq = -(-(h + 2 * p) // s), -(-(wd + 2 * p) // s)
+    rows = [_phase_range(pi, s, p, h, hq) for pi in range(s)]
+    cols = [_phase_range(pj, s, p, wd, wq) for pj in range(s)]
+    rmin, rmax = min(r[0] for r in rows), max(r[1] for r in rows)
+    qmin, qmax = min(q[0] for q in cols), max(q[1] for q in cols)
+    box = np.array([(r0 - rmin, r1 - rmin, q0 - qmin, q1 - qmin,
+                     s * rmin + pi - p, s * qmin + pj - p)
+                    for pi, (r0, r1) in enumerate(rows)
+                    for pj, (q0, q1) in enumerate(cols)], dtype=np.int64)
+    # phase row a reads grad_out row a - i//s: grid row a - rmin + dr - i//s
+    dr, dc = (kh - 1) // s, (kw - 1) // s
+    hg, wg = rmax - rmin + dr, qmax - qmin + dc
+    gs = conv._planes(g, 1, 1, 1, dr - rmin, dc - qmin, hg, wg)  # < 0 pads crop
+    ii = np.arange(kh)[None, :, None]
+    jj = np.arange(kw)[None, None, :]
+    group = np.arange(c)[:, None, None] * (s * s) + (ii % s) * s + jj % s
+    col_off = np.broadcast_to((dr - ii // s) * wg + (dc - jj // s), group.shape)
+    gptr, grow, goff, gval = _transposed(data, indices, indptr, group.ravel(),
+                                         col_off.ravel(), c * s * s)
+    grad_x = np.empty((n, c, h, wd), dtype=np.float32)
+    size = hg * wg
+    _gather_taps(gs, gptr, grow, goff, gval, size, wg, _chunk(n, size), s, box,
+                 grad_x)
+    return grad_x
+
+
+def _phase_range(pi: int, s: int, p: int, size: int, num: int) -> tuple:
+    """[a0, a1): the rows s*a + pi of a padded axis (of num phase rows) inside x."""
+    a0 = max(0, -(-(p - pi) // s))
+    return a0, max(a0, min(num, (size - 1 + p - pi) // s + 1))
+
+
+def _rows_padded(a: np.ndarray) -> np.ndarray:
+    """a.T (K, N) with _VL zero floats after every row (the vector loops overrun)."""
+    out = np.zeros((a.shape[1], a.shape[0] + _VL), dtype=np.float32)
+    out[:, :a.shape[0]] = a.T
+    return out
+
+
+_ONE_PIXEL = np.array([[0, 1, 0, 1, 0, 0]], dtype=np.int64)
+
+
+def csr_linear_forward(x: np.ndarray, data, indices, indptr,
+                       out_features: int) -> np.ndarray:
+    """y = x @ w.T (N, O) f4 with w (O, I) in CSR; wraps ``_gather_taps``.
+
+    x : (N, I) float32; data, indices, indptr : CSR of w (f4, i4, i8).
+    """
+    what = "csr_linear_forward"
+    x = as_f32(x, f"{what}: x")
+    check_ndim(x, 2, what, "(N, in_features)")
+    n, k = x.shape
+    o = int(out_features)
+    data, indices, indptr = _csr_args(data, indices, indptr, (o, k), what)
+    if data.shape[0] == 0 or n == 0:
+        return np.zeros((n, o), dtype=np.float32)
+    y = np.empty((n, o, 1, 1), dtype=np.float32)
+    zero = np.zeros(data.shape[0], dtype=np.int64)
+    _gather_taps(_rows_padded(x), indptr, indices.astype(np.int64), zero, data, 1, 1,
+                 _chunk(n, 1), 1, _ONE_PIXEL, y)
+    return y.reshape(n, o)
+
+
+def csr_linear_grad_input(grad_out: np.ndarray, data, indices, indptr,
+                          in_features: int) -> np.ndarray:
+    """dL/dx = grad_out @ w (N, I) f4 with w (O, I) in CSR.
+
+    Wraps ``_group_entries`` (CSR -> CSC) and ``_gather_taps``.
+    grad_out : (N, O) float32; data, indices, indptr : CSR of w (f4, i4, i8).
+    """
+    what = "csr_linear_grad_input"
+    g = as_f32(grad_out, f"{what}: grad_out")
+    check_ndim(g, 2, what, "(N, out_features)")
+    n, o = g.shape
+    k = int(in_features)
+    data, indices, indptr = _csr_args(data, indices, indptr, (o, k), what)
+    if data.shape[0] == 0 or n == 0:
+        return np.zeros((n, k), dtype=np.float32)
+    gptr, grow, goff, gval = _transposed(data, indices, indptr, np.arange(k),
+                                         np.zeros(k), k)
+    grad_x = np.empty((n, k, 1, 1), dtype=np.float32)
+    _gather_taps(_rows_padded(g), gptr, grow, goff, gval, 1, 1, _chunk(n, 1), 1,
+                 _ONE_PIXEL, grad_x)
+    return grad_x.reshape(n, k)
+
+
+def prefer_csr(density: float, kind: str) -> bool:
+    """True when CSR forward + grad_input is expected to beat the dense kernels.
+
+    ``kind`` is "conv" or "linear"; the thresholds are the crossovers measured by
+    ``tools/bench_csr.py`` (module docstring).
+    """
+    if kind not in _CROSSOVER:
+        raise ConfigError(f"prefer_csr: expected kind in {sorted(_CROSSOVER)}, got "
+                          f"{kind!r}")
+    if not 0.0 <= density <= 1.0:
+        raise ConfigError(f"prefer_csr: expected density in [0, 1], got {density}")
+    return density <= _CROSSOVER[kind]

@@ -1,0 +1,117 @@
+"""Magnitude pruning of conv/linear weights, per layer or globally, and sparsity stats.
+
+Pruning ranks effective weights |w| (w = v|v|^(alpha-1)) and sets the stored ``v``
+of the smallest ones to exactly zero. BatchNorm parameters and biases are never
+pruned. With a shared alpha, ranking |v| equals ranking |w|; ranking |w| also
+works when layers have different alphas. With alpha > 1 a zeroed weight gets a
+zero gradient and stays pruned during later training (Powerprop).
+
+Ties at the cut are broken by position so that exactly the requested number of
+weights survives: ``keep = round((1 - sparsity) * total)``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import ConfigError
+from .layers import Conv2d, Linear
+
+SCOPES = ("global", "layer")
+
+
+def prunable_layers(model) -> dict:
+    """The Conv2d and Linear layers of a model by dotted name (their ``.weight`` is pruned)."""
+    return {name: layer for name, layer in model.named_layers().items()
+            if isinstance(layer, (Conv2d, Linear))}
+
+
+def _check_sparsity(sparsity: float) -> float:
+    s = float(sparsity)
+    if not 0.0 <= s <= 1.0:  # also rejects NaN
+        raise ConfigError(f"pruning sparsity: expected a fraction in [0, 1], got {sparsity!r}")
+    return s
+
+
+def _keep_mask(magnitude: np.ndarray, keep: int) -> np.ndarray:
+    """Boolean mask of the ``keep`` largest entries of a flat magnitude array."""
+    mask = np.zeros(magnitude.size, dtype=bool)
+    if keep >= magnitude.size:
+        mask[:] = True
+    elif keep > 0:
+        # argpartition puts the `keep` largest last; exact count, ties broken by position
+        top = np.argpartition(magnitude, magnitude.size - keep)[magnitude.size - keep:]
+        mask[top] = True
+    return mask
+
+
+def magnitude_masks(model, sparsity: float, scope: str = "global") -> dict[str, np.ndarray]:
+    """Keep-masks (bool, weight-shaped, keyed like the state dict: "conv1.weight")
+    for pruning to ``sparsity`` by |w|.
+
+    scope "global": one ranking over all conv/linear weights together;
+    "layer": every layer pruned to ``sparsity`` on its own.
+    Weights that are already zero rank lowest, so they stay pruned.
+    """
+    s = _check_sparsity(sparsity)
+    if scope not in SCOPES:
+        raise ConfigError(f"pruning scope: expected one of {SCOPES}, got {scope!r}")
+    layers = prunable_layers(model)
+    mags = {name: np.abs(layer.effective_weight()).ravel() for name, layer in layers.items()}
+    for name, mag in mags.items():
+        if not np.isfinite(mag).all():
+            raise ConfigError(f"pruning {name}.weight: expected finite weights, got NaN or "
+                              "inf (training diverged; lower the learning rate)")
+    if scope == "layer":
+        masks = {name: _keep_mask(mag, round((1.0 - s) * mag.size))
+                 for name, mag in mags.items()}
+    else:
+        flat = np.concatenate(list(mags.values())) if mags else np.zeros(0, np.float32)
+        keep_all = _keep_mask(flat, round((1.0 - s) * flat.size))
+        masks, start = {}, 0
+        for name, mag in mags.items():
+            masks[name] = keep_all[start:start + mag.size]
+            start += mag.size
+    return {f"{name}.weight": masks[name].reshape(layers[name].weight.shape)
+            for name in layers}
+
+
+def apply_masks(model, masks: dict[str, np.ndarray]) -> None:
+    """Zero the stored weights where a mask is False (names as from magnitude_masks)."""
+    weights = {f"{name}.weight": layer.weight
+               for name, layer in prunable_layers(model).items()}
+    for name, mask in masks.items():
+        if name not in weights:
+            raise ConfigError(f"pruning mask {name!r}: expected a conv/linear weight of "
+                              f"the model ({', '.join(weights)})")
+        weight = weights[name]
+        if mask.shape != weight.shape:
+            raise ConfigError(f"pruning mask {name!r}: expected shape {weight.shape}, "
+                              f"got {mask.shape}")
+        weight[~mask] = 0.0
+
+
+def prune(model, sparsity: float, scope: str = "global") -> dict[str, int]:
+    """Magnitude-prune the model in place; returns the nonzero count per layer."""
+    apply_masks(model, magnitude_masks(model, sparsity, scope))
+    return nonzeros(model)
+
+
+def nonzeros(model) -> dict[str, int]:
+    """Nonzero weights per conv/linear layer (what the metrics record per round)."""
+    return {name: int(np.count_nonzero(layer.weight))
+            for name, layer in prunable_layers(model).items()}
+
+
+def weight_sparsity(model) -> dict[str, float]:
+    """Fraction of exact zeros in each conv/linear weight."""
+    return {name: 1.0 - np.count_nonzero(layer.weight) / layer.weight.size
+            for name, layer in prunable_layers(model).items()}
+
+
+def global_sparsity(model) -> float:
+    """Fraction of exact zeros over all conv/linear weights together."""
+    layers = prunable_layers(model).values()
+    total = sum(layer.weight.size for layer in layers)
+    zeros = sum(layer.weight.size - np.count_nonzero(layer.weight) for layer in layers)
+    return zeros / total if total else 0.0

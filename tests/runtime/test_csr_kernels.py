@@ -1,0 +1,286 @@
+"""runtime/kernels/csr.py against float64 NumPy references and the dense kernels.
+
+Each float32 result is checked elementwise against ``TOL * scale + ATOL``, scale =
+the same operation on |inputs| (a float32 sum of K terms is off by at most about
+K * 2^-24 * sum|terms|), as in test_kernels.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from sparsefedpp.runtime.errors import ConfigError, DTypeError, ShapeError
+from sparsefedpp.runtime.kernels import conv, csr
+from sparsefedpp.runtime.sparse import to_csr
+
+TOL = 1e-5
+ATOL = 1e-6
+
+
+def values(shape):
+    return arrays(np.float32, shape,
+                  elements=st.floats(-1e3, 1e3, width=32, allow_subnormal=False))
+
+
+def sparse_values(data, shape):
+    """Drawn values with density 0, 1 or a drawn mask (empty rows included)."""
+    vals = data.draw(values(shape))
+    kind = data.draw(st.sampled_from(["zero", "dense", "mask"]))
+    if kind == "zero":
+        return np.zeros(shape, np.float32)
+    if kind == "dense":
+        return vals
+    return np.where(data.draw(arrays(np.bool_, shape)), vals, np.float32(0))
+
+
+def assert_close(actual, ref, scale):
+    assert actual.dtype == np.float32
+    assert actual.shape == ref.shape
+    err = np.abs(actual.astype(np.float64) - ref)
+    bound = TOL * scale + ATOL
+    worst = np.unravel_index(np.argmax(err - bound), err.shape)
+    assert np.all(err <= bound), (
+        f"at {worst}: got {actual[worst]}, expected {ref[worst]}, "
+        f"bound {bound[worst]}")
+
+
+def out_len(size, k, stride, pad):
+    return (size + 2 * pad - k) // stride + 1
+
+
+# -------------------------------------------------------- NumPy references
+def ref_conv2d(x, w, stride, pad):
+    n, _, h, wd = x.shape
+    o, _, kh, kw = w.shape
+    oh, ow = out_len(h, kh, stride, pad), out_len(wd, kw, stride, pad)
+    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    y = np.zeros((n, o, oh, ow))
+    for i in range(kh):
+        for j in range(kw):
+            patch = xp[:, :, i:i + stride * (oh - 1) + 1:stride,
+                       j:j + stride * (ow - 1) + 1:stride]
+            y += np.einsum("nchw,oc->nohw", patch, w[:, :, i, j].astype(np.float64))
+    return y
+
+
+def ref_conv2d_grad_input(g, w, in_shape, stride, pad):
+    n, c, h, wd = in_shape
+    _, _, kh, kw = w.shape
+    oh, ow = g.shape[2:]
+    gp = np.zeros((n, c, h + 2 * pad, wd + 2 * pad))
+    for i in range(kh):
+        for j in range(kw):
+            gp[:, :, i:i + stride * (oh - 1) + 1:stride,
+               j:j + stride * (ow - 1) + 1:stride] += np.einsum(
+                "nohw,oc->nchw", g.astype(np.float64), w[:, :, i, j].astype(np.float64))
+    return gp[:, :, pad:pad + h, pad:pad + wd]
+
+
+def csr_args(w):
+    m = to_csr(w)
+    return m.data, m.indices, m.indptr
+
+
+@st.composite
+def conv_geometry(draw):
+    """(n, c, o, h, w, kh, kw, stride, pad): k in {1, 2, 3}, stride 1-3, pad 0-2."""
+    n, c, o = draw(st.integers(1, 3)), draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    h, w = draw(st.integers(1, 9)), draw(st.integers(1, 9))
+    kh = draw(st.sampled_from([1, 3, 2]))
+    kw = draw(st.sampled_from([kh, 1, 3]))
+    stride = draw(st.sampled_from([1, 2, 3]))
+    pad = draw(st.sampled_from([0, 1, 2]))
+    assume(h + 2 * pad >= kh and w + 2 * pad >= kw)
+    return n, c, o, h, w, kh, kw, stride, pad
+
+
+# ------------------------------------------------------------------- conv
+@given(data=st.data(), geom=conv_geometry())
+def test_csr_conv2d_forward_matches_reference_and_dense(data, geom):
+    # Arrange
+    n, c, o, h, w, kh, kw, stride, pad = geom
+    x = data.draw(values((n, c, h, w)))
+    wt = sparse_values(data, (o, c, kh, kw))
+    # Act
+    y = csr.csr_conv2d_forward(x, *csr_args(wt), wt.shape, stride, pad)
+    # Assert
+    scale = ref_conv2d(np.abs(x), np.abs(wt), stride, pad)
+    assert_close(y, ref_conv2d(x, wt, stride, pad), scale)
+    dense = conv.conv2d_forward(x, wt, stride, pad).astype(np.float64)
+    assert_close(y, dense, 2 * scale)
+
+
+@given(data=st.data(), geom=conv_geometry())
+def test_csr_conv2d_grad_input_matches_reference_and_dense(data, geom):
+    # Arrange
+    n, c, o, h, w, kh, kw, stride, pad = geom
+    wt = sparse_values(data, (o, c, kh, kw))
+    g = data.draw(values((n, o, out_len(h, kh, stride, pad),
+                          out_len(w, kw, stride, pad))))
+    # Act
+    gx = csr.csr_conv2d_grad_input(g, *csr_args(wt), wt.shape, (n, c, h, w), stride,
+                                   pad)
+    # Assert
+    scale = ref_conv2d_grad_input(np.abs(g), np.abs(wt), (n, c, h, w), stride, pad)
+    assert_close(gx, ref_conv2d_grad_input(g, wt, (n, c, h, w), stride, pad), scale)
+    dense = conv.conv2d_grad_input(g, wt, (n, c, h, w), stride, pad)
+    assert_close(gx, dense.astype(np.float64), 2 * scale)
+
+
+@pytest.mark.parametrize("c, h, o, k, stride, pad", [
+    (16, 32, 16, 3, 1, 1), (16, 32, 32, 3, 2, 1), (32, 16, 64, 1, 2, 0),
+    (64, 4, 8, 3, 1, 1)])
+def test_resnet_shapes_at_batch_two(c, h, o, k, stride, pad):
+    # multi-image chunks (4x4) and one-image chunks (32x32), partly empty rows
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, c, h, h)).astype(np.float32)
+    wt = rng.standard_normal((o, c, k, k)).astype(np.float32)
+    wt[rng.random(wt.shape) < 0.8] = 0.0
+    wt[::3] = 0.0
+    y = csr.csr_conv2d_forward(x, *csr_args(wt), wt.shape, stride, pad)
+    np.testing.assert_allclose(y, conv.conv2d_forward(x, wt, stride, pad),
+                               rtol=1e-5, atol=1e-5)
+    g = rng.standard_normal(y.shape).astype(np.float32)
+    gx = csr.csr_conv2d_grad_input(g, *csr_args(wt), wt.shape, x.shape, stride, pad)
+    np.testing.assert_allclose(gx, conv.conv2d_grad_input(g, wt, x.shape, stride, pad),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_parallel_transpose_gives_the_serial_result(monkeypatch):
+    # large matrices regroup their nonzeros with prange over row blocks
+    rng = np.random.default_rng(4)
+    wt = rng.standard_normal((5, 3, 3, 3)).astype(np.float32)
+    wt[rng.random(wt.shape) < 0.5] = 0.0
+    wt[2] = 0.0
+    data, indices, indptr = csr_args(wt)
+    group = rng.integers(0, 7, 27)
+    serial = csr._transposed(data, indices, indptr, group, group * 10, 7)
+    monkeypatch.setattr(csr, "_PARALLEL_NNZ", 0)
+    for a, b in zip(csr._transposed(data, indices, indptr, group, group * 10, 7),
+                    serial, strict=True):
+        np.testing.assert_array_equal(a, b)
+    g = rng.standard_normal((2, 5, 3, 3)).astype(np.float32)
+    gx = csr.csr_conv2d_grad_input(g, data, indices, indptr, wt.shape, (2, 3, 5, 5),
+                                   2, 1)
+    np.testing.assert_allclose(gx, conv.conv2d_grad_input(g, wt, (2, 3, 5, 5), 2, 1),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_nan_weight_propagates_and_empty_weight_gives_zeros():
+    x = np.ones((1, 2, 4, 4), np.float32)
+    wt = np.zeros((3, 2, 3, 3), np.float32)
+    wt[1, 0, 1, 1] = np.nan
+    y = csr.csr_conv2d_forward(x, *csr_args(wt), wt.shape, 1, 1)
+    assert np.isnan(y[0, 1]).all() and not np.isnan(y[0, [0, 2]]).any()
+    assert not y[0, [0, 2]].any()
+    empty = csr_args(np.zeros_like(wt))
+    assert not csr.csr_conv2d_forward(x, *empty, wt.shape, 2, 1).any()
+    gx = csr.csr_conv2d_grad_input(np.ones((1, 3, 2, 2), np.float32), *empty, wt.shape,
+                                   x.shape, 2, 1)
+    assert gx.shape == x.shape and not gx.any()
+
+
+def test_read_only_inputs_are_accepted():
+    # decoded wire buffers are read-only np.frombuffer views (STYLE.md, Codec)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 3, 5, 5)).astype(np.float32)
+    wt = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    data, indices, indptr = csr_args(wt)
+    ro = [np.frombuffer(a.tobytes(), a.dtype) for a in (x.ravel(), data, indices,
+                                                          indptr)]
+    y = csr.csr_conv2d_forward(ro[0].reshape(x.shape), *ro[1:], wt.shape, 1, 0)
+    np.testing.assert_allclose(y, conv.conv2d_forward(x, wt, 1, 0), rtol=1e-5,
+                               atol=1e-4)
+    g = np.frombuffer(y.tobytes(), np.float32).reshape(y.shape)
+    gx = csr.csr_conv2d_grad_input(g, *ro[1:], wt.shape, x.shape, 1, 0)
+    np.testing.assert_allclose(gx, conv.conv2d_grad_input(y, wt, x.shape, 1, 0),
+                               rtol=1e-5, atol=1e-3)
+    x2 = ro[0][:54].reshape(2, 27)
+    w2 = wt.reshape(4, 27)
+    np.testing.assert_allclose(csr.csr_linear_forward(x2, *ro[1:], 4), x2 @ w2.T,
+                               rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"stride": 0}, ConfigError, "stride >= 1"),
+    ({"pad": -1}, ConfigError, "pad >= 0"),
+    ({"kshape": (4, 3, 9, 9)}, ConfigError, "at least 9x9"),
+    ({"kshape": (4, 3, 0, 3)}, ConfigError, "kh, kw >= 1"),
+    ({"kshape": (4, 2, 3, 3)}, ShapeError, "C=2"),
+    ({"x": np.zeros((3, 5, 5), np.float32)}, ShapeError, "\\(N, C, H, W\\)"),
+    ({"data": np.zeros(108, np.int32)}, DTypeError, "data of dtype float32"),
+    ({"indices": np.zeros(108, np.float32)}, DTypeError, "indices of dtype int32"),
+    ({"indptr": np.zeros(5, np.int64)}, ConfigError, "from 0 to nnz"),
+    ({"indices": np.full(108, 27, np.int32)}, ConfigError, "in \\[0, 27\\)"),
+])
+def test_csr_conv2d_forward_rejects_bad_arguments(kwargs, error, match):
+    rng = np.random.default_rng(2)
+    data, indices, indptr = csr_args(rng.standard_normal((4, 3, 3, 3)).astype(
+        np.float32))
+    args = {"x": np.zeros((1, 3, 5, 5), np.float32), "data": data, "indices": indices,
+            "indptr": indptr, "kshape": (4, 3, 3, 3), "stride": 1, "pad": 1}
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        csr.csr_conv2d_forward(**args)
+
+
+def test_csr_conv2d_grad_input_rejects_a_wrong_grad_shape():
+    data, indices, indptr = csr_args(np.ones((4, 3, 3, 3), np.float32))
+    with pytest.raises(ShapeError, match="expected grad_out of shape"):
+        csr.csr_conv2d_grad_input(np.zeros((1, 4, 5, 4), np.float32), data, indices,
+                                  indptr, (4, 3, 3, 3), (1, 3, 5, 5), 1, 1)
+
+
+# ----------------------------------------------------------------- linear
+@given(data=st.data(), n=st.integers(1, 40), k=st.integers(1, 12),
+       o=st.integers(1, 12))
+def test_csr_linear_matches_numpy(data, n, k, o):
+    # Arrange
+    x = data.draw(values((n, k)))
+    g = data.draw(values((n, o)))
+    wt = sparse_values(data, (o, k))
+    w64 = wt.astype(np.float64)
+    # Act
+    y = csr.csr_linear_forward(x, *csr_args(wt), o)
+    gx = csr.csr_linear_grad_input(g, *csr_args(wt), k)
+    # Assert
+    assert_close(y, x.astype(np.float64) @ w64.T, np.abs(x) @ np.abs(w64).T)
+    assert_close(gx, g.astype(np.float64) @ w64, np.abs(g) @ np.abs(w64))
+
+
+def test_csr_linear_beyond_one_chunk_of_images():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2100, 5)).astype(np.float32)
+    wt = rng.standard_normal((3, 5)).astype(np.float32)
+    wt[1] = 0.0
+    np.testing.assert_allclose(csr.csr_linear_forward(x, *csr_args(wt), 3), x @ wt.T,
+                               rtol=1e-5, atol=1e-5)
+    g = rng.standard_normal((2100, 3)).astype(np.float32)
+    np.testing.assert_allclose(csr.csr_linear_grad_input(g, *csr_args(wt), 5), g @ wt,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_csr_linear_rejects_mismatched_shapes():
+    data, indices, indptr = csr_args(np.ones((3, 4), np.float32))
+    with pytest.raises(ShapeError, match="expected 3 entries"):
+        csr.csr_linear_forward(np.zeros((2, 4), np.float32), data, indices, indptr, 2)
+    with pytest.raises(ConfigError, match="in \\[0, 3\\)"):
+        csr.csr_linear_forward(np.zeros((2, 3), np.float32), data, indices, indptr, 3)
+    with pytest.raises(ShapeError, match="\\(N, out_features\\)"):
+        csr.csr_linear_grad_input(np.zeros(3, np.float32), data, indices, indptr, 4)
+
+
+# -------------------------------------------------------------- prefer_csr
+def test_prefer_csr_is_a_density_threshold():
+    for kind in ("conv", "linear"):
+        assert csr.prefer_csr(0.0, kind)
+        assert not csr.prefer_csr(1.0, kind) or csr._CROSSOVER[kind] >= 1.0
+        flags = [csr.prefer_csr(d, kind) for d in np.linspace(0, 1, 21)]
+        assert flags == sorted(flags, reverse=True)
+    with pytest.raises(ConfigError, match="kind"):
+        csr.prefer_csr(0.5, "pool")
+    with pytest.raises(ConfigError, match="density in \\[0, 1\\]"):
+        csr.prefer_csr(1.5, "conv")

@@ -1,0 +1,116 @@
+"""Magnitude pruning (global and per layer) and the activation-sparsity policies."""
+
+import numpy as np
+import pytest
+from sparsefedpp.runtime import activation_policy, models, pruning
+from sparsefedpp.runtime.errors import ConfigError
+
+
+def _all_weights(model):
+    return np.concatenate([layer.effective_weight().ravel()
+                           for layer in pruning.prunable_layers(model).values()])
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 0.99, 1.0])
+def test_global_prune_keeps_exact_count_of_largest(sparsity):
+    model = models.build("resnet8", seed=1, alpha=1.25)
+    before = np.abs(_all_weights(model))
+    counts = pruning.prune(model, sparsity, "global")
+    keep = round((1 - sparsity) * before.size)
+    assert sum(counts.values()) == keep
+    after = _all_weights(model)
+    if 0 < keep < before.size:
+        cut = np.sort(before)[before.size - keep]  # smallest surviving magnitude
+        assert np.abs(after[after != 0]).min() >= cut
+        assert np.all(np.abs(before[after == 0]) <= cut)
+
+
+def test_layer_prune_hits_every_layer_and_spares_batchnorm():
+    model = models.build("resnet8", seed=2)
+    pruned = {f"{name}.weight" for name in pruning.prunable_layers(model)}
+    bn_before = {k: v.copy() for k, v in model.params().items() if k not in pruned}
+    assert "bn1.weight" in bn_before and "fc.bias" in bn_before
+    pruning.prune(model, 0.9, "layer")
+    for name, s in pruning.weight_sparsity(model).items():
+        size = model.params()[f"{name}.weight"].size
+        assert s == pytest.approx(1 - round(0.1 * size) / size), name
+    for k, v in bn_before.items():
+        np.testing.assert_array_equal(model.params()[k], v)
+
+
+def test_global_prune_ranks_effective_weights_across_alphas():
+    model = models.build("cnn", seed=3, width=0.25)
+    layers = list(pruning.prunable_layers(model).values())
+    layers[0].alpha = 2.0  # |w| = v^2: small v rank much lower than |v| suggests
+    mags = np.concatenate([np.abs(layer.effective_weight()).ravel() for layer in layers])
+    pruning.prune(model, 0.5)
+    kept = np.concatenate([layer.effective_weight().ravel() for layer in layers]) != 0
+    assert mags[kept].min() >= mags[~kept].max()
+
+
+def test_pruned_weights_stay_pruned_by_a_second_pruning():
+    model = models.build("resnet8", seed=4)
+    pruning.prune(model, 0.8)
+    zeros = {n: layer.weight == 0 for n, layer in pruning.prunable_layers(model).items()}
+    pruning.prune(model, 0.9)
+    for n, layer in pruning.prunable_layers(model).items():
+        assert np.all(layer.weight[zeros[n]] == 0)
+    assert pruning.global_sparsity(model) == pytest.approx(0.9, abs=1e-4)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan")])
+def test_bad_sparsity_is_a_config_error(bad):
+    with pytest.raises(ConfigError, match="sparsity"):
+        pruning.prune(models.build("cnn", seed=0, width=0.25), bad)
+
+
+def test_bad_scope_and_mask_are_config_errors():
+    model = models.build("cnn", seed=0, width=0.25)
+    with pytest.raises(ConfigError, match="scope"):
+        pruning.magnitude_masks(model, 0.5, "channel")
+    with pytest.raises(ConfigError, match="expected shape"):
+        pruning.apply_masks(model, {"conv1.weight": np.ones((2, 2), bool)})
+    with pytest.raises(ConfigError, match="conv/linear"):
+        pruning.apply_masks(model, {"bn1.weight": np.ones(3, bool)})
+
+
+def test_nan_weights_refuse_pruning():
+    model = models.build("cnn", seed=0, width=0.25)
+    model.params()["conv2.weight"][0, 0, 0, 0] = np.nan
+    with pytest.raises(ConfigError, match="diverged"):
+        pruning.prune(model, 0.5)
+
+
+def test_fixed_policy_keeps_first_layer_dense():
+    model = models.build("resnet8", seed=0)
+    kept = activation_policy.fixed(model, 0.9, refresh_every=10)
+    layers = pruning.prunable_layers(model)
+    first, *rest = layers
+    assert kept[first] == 1.0 and layers[first].sparsifier is None
+    assert layers[first].weight_keep is None
+    for name in rest:
+        assert kept[name] == pytest.approx(0.1)
+        assert layers[name].sparsifier.keep_fraction == pytest.approx(0.1)
+        assert layers[name].sparsifier.refresh_every == 10
+        assert layers[name].weight_keep == pytest.approx(0.1)
+    activation_policy.dense(model)
+    assert all(la.sparsifier is None and la.weight_keep is None
+               for la in layers.values())
+
+
+def test_weight_driven_policy_follows_weight_sparsity_with_a_floor():
+    model = models.build("resnet8", seed=0, alpha=1.25)
+    pruning.prune(model, 0.9, "layer")
+    layers = pruning.prunable_layers(model)
+    kept = activation_policy.weight_driven(model, min_keep=0.05)
+    for name, layer in layers.items():
+        want = max(1 - pruning.weight_sparsity(model)[name], 0.05)
+        assert kept[name] == pytest.approx(want)
+        assert layer.sparsifier.keep_fraction == pytest.approx(want)
+        assert layer.weight_keep is None
+    kept = activation_policy.weight_driven(model, min_keep=0.5)
+    assert all(v == 0.5 for v in kept.values())
+    with pytest.raises(ConfigError, match="min_keep"):
+        activation_policy.weight_driven(model, min_keep=0.0)
+    with pytest.raises(ConfigError, match="sparsity"):
+        activation_policy.fixed(model, 1.0)

@@ -1,0 +1,371 @@
+"""Sparse activations (runtime/sparse_activation.py) and the sparse weight-gradient
+kernels (runtime/kernels/activation.py) against plain NumPy.
+
+The gradient kernels are compared with the dense kernels on the masked tensor and
+with a float64 reference, elementwise within ``TOL * (the same sum over |terms|) +
+ATOL`` (a float32 sum of K products is within about K * 2^-24 * sum|terms| of the
+exact value; a bare rtol would fail on cancellation).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from sparsefedpp.runtime.errors import ConfigError, DTypeError, ShapeError
+from sparsefedpp.runtime.kernels import activation as kern
+from sparsefedpp.runtime.kernels import conv
+from sparsefedpp.runtime.sparse_activation import (
+    ActivationSparsifier,
+    SparseActivations,
+    compress,
+    topk_threshold,
+)
+
+TOL = 1e-5
+ATOL = 1e-6
+
+
+def values(shape):
+    """Float32 arrays as STYLE.md asks, with many exact zeros (a ReLU output)."""
+    finite = st.floats(-1e3, 1e3, width=32, allow_subnormal=False)
+    return arrays(np.float32, shape, elements=st.one_of(st.just(0.0), finite))
+
+
+shapes = st.one_of(
+    st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(1, 7),
+              st.integers(1, 7)),
+    st.tuples(st.integers(1, 5), st.integers(1, 40)),
+)
+
+
+def masked(x, threshold):
+    """Dense reference of compress(x, threshold): zeros below the threshold."""
+    return np.where(np.abs(x) >= threshold, x, np.float32(0.0))
+
+
+# ---------------------------------------------------------------- container
+
+
+@given(shapes.flatmap(values), st.floats(0, 1e3), st.sampled_from(
+    ["auto", "indices", "bitmap"]))
+def test_compress_round_trip(x, threshold, encoding):
+    # Act
+    act = compress(x, threshold, encoding=encoding)
+    # Assert
+    ref = masked(x, np.float32(threshold))
+    np.testing.assert_array_equal(act.to_dense(), ref)
+    assert act.shape == x.shape and act.to_dense().dtype == np.float32
+    assert act.kept == np.count_nonzero(ref)
+    assert np.all(act.values != 0)  # zeros never stored
+    np.testing.assert_array_equal(act.indices(), np.flatnonzero(ref))
+    assert act.indices().dtype == np.int32
+    assert act.encoding == (encoding if encoding != "auto" else act.encoding)
+    assert act.dense_nbytes == 4 * x.size
+
+
+@given(shapes.flatmap(values), st.floats(0, 1e3))
+def test_encoding_choice_and_nbytes(x, threshold):
+    # Arrange
+    by_enc = {e: compress(x, threshold, encoding=e) for e in ("indices", "bitmap")}
+    # Act
+    auto = compress(x, threshold)
+    # Assert: auto picks the smaller (indices on a draw); nbytes is the arrays'
+    held = {e: a.nbytes for e, a in by_enc.items()}
+    assert held["indices"] == 8 * auto.kept
+    assert held["bitmap"] == math.ceil(x.size / 8) + 4 * auto.kept
+    assert auto.nbytes == min(held.values())
+    assert auto.encoding == ("bitmap" if held["bitmap"] < held["indices"]
+                             else "indices")
+    for act in (auto, *by_enc.values()):
+        arrays_held = [v for v in vars(act).values() if isinstance(v, np.ndarray)]
+        assert act.nbytes == sum(a.nbytes for a in arrays_held)
+
+
+@pytest.mark.parametrize("encoding", ["indices", "bitmap"])
+def test_all_zero_and_fully_kept(encoding):
+    # Arrange
+    zeros = np.zeros((2, 3, 5, 5), dtype=np.float32)
+    full = np.arange(1, 151, dtype=np.float32).reshape(2, 3, 5, 5) - 75.5
+    # Act
+    empty = compress(zeros, 0.0, encoding=encoding)
+    kept = compress(full, 0.0, encoding=encoding)
+    # Assert
+    assert empty.kept == 0 and empty.indices().size == 0
+    np.testing.assert_array_equal(empty.to_dense(), zeros)
+    assert kept.kept == full.size
+    np.testing.assert_array_equal(kept.to_dense(), full)
+
+
+def test_nan_is_kept():
+    x = np.array([0.0, np.nan, 0.5, -2.0], dtype=np.float32)
+    act = compress(x, 1.0)
+    np.testing.assert_array_equal(act.indices(), [1, 3])
+    assert topk_threshold(np.array([np.nan, np.nan, 1.0], np.float32), 0.5) == math.inf
+
+
+@pytest.mark.parametrize("x", [np.ones(4, dtype=np.int32), np.ones(4, dtype=bool),
+                               np.array(["a"])])
+def test_non_float_is_dtype_error(x):
+    with pytest.raises(DTypeError):
+        compress(x, 0.0)
+    with pytest.raises(DTypeError):
+        ActivationSparsifier(0.5)(x)
+
+
+@pytest.mark.parametrize("keep", [0.0, -0.1, 1.5, float("nan")])
+def test_bad_keep_fraction_is_config_error(keep):
+    x = np.ones(8, dtype=np.float32)
+    with pytest.raises(ConfigError):
+        topk_threshold(x, keep)
+    with pytest.raises(ConfigError):
+        ActivationSparsifier(keep)
+    sparsifier = ActivationSparsifier(0.5)
+    with pytest.raises(ConfigError):
+        sparsifier.keep_fraction = keep
+
+
+def test_bad_threshold_encoding_and_shape():
+    x = np.ones(8, dtype=np.float32)
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ConfigError):
+            compress(x, bad)
+    with pytest.raises(ConfigError):
+        compress(x, 0.0, encoding="csr")
+    with pytest.raises(ShapeError):
+        compress(np.float32(1.0), 0.0)
+    with pytest.raises(ConfigError):
+        ActivationSparsifier(0.5, refresh_every=-1)
+
+
+# ---------------------------------------------------------------- top-k threshold
+
+
+@given(st.integers(1, 3000), st.floats(1e-4, 1.0), st.integers(0, 2**32 - 1))
+def test_topk_keeps_exactly_k_on_distinct_values(size, keep, seed):
+    # Arrange: distinct nonzero magnitudes, random signs
+    rng = np.random.default_rng(seed)
+    x = (rng.permutation(size) + 1).astype(np.float32) * rng.choice([-1, 1], size)
+    k = min(size, max(1, math.ceil(keep * size)))
+    # Act
+    t = topk_threshold(x, keep)
+    act = compress(x, t)
+    # Assert
+    assert act.kept == k
+    assert t == (0.0 if keep >= 1 else np.sort(np.abs(x))[::-1][k - 1])
+
+
+@given(shapes.flatmap(values), st.floats(1e-3, 1.0))
+def test_topk_with_ties_and_zeros(x, keep):
+    # Arrange
+    k = min(x.size, max(1, math.ceil(keep * x.size)))
+    nonzero = np.count_nonzero(x)
+    # Act
+    t = topk_threshold(x, keep)
+    act = compress(x, t, limit=k)
+    # Assert: exactly min(k, nonzeros), every |x| > t, the first ties in C order
+    assert act.kept == min(k, nonzero)
+    a = np.abs(x).ravel()
+    assert np.all(np.isin(np.flatnonzero(a > t), act.indices()))
+    ties = np.flatnonzero((a == t) & (a > 0))
+    np.testing.assert_array_equal(np.intersect1d(ties, act.indices()),
+                                  ties[:act.kept - np.count_nonzero(a > t)])
+
+
+def test_topk_full_keep_drops_zeros():
+    x = np.array([[0.0, 1.0, -2.0, 0.0]], dtype=np.float32)
+    assert topk_threshold(x, 1.0) == 0.0
+    assert ActivationSparsifier(1.0)(x).kept == 2
+
+
+# ---------------------------------------------------------------- sparsifier
+
+
+@pytest.mark.parametrize("refresh_every", [0, 1, 3])
+def test_sparsifier_refresh_schedule(refresh_every):
+    # Arrange: every batch has a different scale, so each refresh moves the threshold
+    rng = np.random.default_rng(0)
+    batches = [rng.standard_normal((4, 3, 6, 6)).astype(np.float32) * (i + 1)
+               for i in range(8)]
+    sparsifier = ActivationSparsifier(0.1, refresh_every=refresh_every)
+    # Act
+    thresholds, kept = [], []
+    for x in batches:
+        kept.append(sparsifier(x).kept)
+        thresholds.append(sparsifier.threshold)
+    # Assert: the threshold changes exactly at the refresh calls
+    refresh = [i == 0 or (refresh_every > 0 and i % refresh_every == 0)
+               for i in range(8)]
+    for i in range(1, 8):
+        assert (thresholds[i] != thresholds[i - 1]) == refresh[i]
+    for i in range(8):
+        last = i - i % refresh_every if refresh_every else 0  # last refresh call
+        assert thresholds[i] == topk_threshold(batches[last], 0.1)
+    k = math.ceil(0.1 * batches[0].size)
+    assert all(n == k for n, r in zip(kept, refresh, strict=True) if r)
+    assert sparsifier.calls == 8
+
+
+def test_sparsifier_reset_and_keep_fraction_force_refresh():
+    # Arrange
+    rng = np.random.default_rng(1)
+    signs = rng.choice([-1.0, 1.0], (2, 50))
+    x1 = (rng.uniform(1.0, 2.0, (2, 50)) * signs).astype(np.float32)
+    x2 = x1 * 10
+    sparsifier = ActivationSparsifier(0.2)
+    # Act / Assert
+    sparsifier(x1)
+    t1 = sparsifier.threshold
+    assert sparsifier(x2).kept == 100  # reused threshold: every |10 x| >= t1
+    assert sparsifier.threshold == t1
+    sparsifier.reset()
+    assert sparsifier(x2).kept == 20 and sparsifier.threshold == pytest.approx(10 * t1)
+    sparsifier.keep_fraction = 0.5
+    assert sparsifier(x2).kept == 50
+    assert sparsifier.keep_fraction == 0.5 and sparsifier.calls == 4
+
+
+# ---------------------------------------------------------------- gradient kernels
+
+
+def sparse_case(draw_x, keep):
+    """(act, x_masked) of a float32 tensor at a keep fraction."""
+    act = compress(draw_x, topk_threshold(draw_x, keep))
+    return act, act.to_dense()
+
+
+def conv_gw64(x, g, kshape, s, p):
+    """float64 reference: dW[o, c, i, j] = sum x[n, c, oh*s-p+i, ow*s-p+j] g[n, o]."""
+    _, _, kh, kw = kshape
+    _, _, oh, ow = g.shape
+    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (p, p), (p, p)))
+    out = np.empty(kshape, dtype=np.float64)
+    for i in range(kh):
+        for j in range(kw):
+            win = xp[:, :, i:i + s * (oh - 1) + 1:s, j:j + s * (ow - 1) + 1:s]
+            out[:, :, i, j] = np.einsum("nchw,nohw->oc", win, g.astype(np.float64))
+    return out
+
+
+@st.composite
+def conv_cases(draw):
+    k = draw(st.sampled_from([1, 3]))
+    s = draw(st.sampled_from([1, 2]))
+    p = draw(st.sampled_from([0, 1]))
+    n, c, o = draw(st.integers(1, 3)), draw(st.integers(1, 4)), draw(st.integers(1, 5))
+    h = draw(st.integers(max(1, k - 2 * p), 9))
+    w = draw(st.integers(max(1, k - 2 * p), 9))
+    oh, ow = conv.out_size(h, k, s, p), conv.out_size(w, k, s, p)
+    x = draw(values((n, c, h, w)))
+    g = draw(values((n, o, oh, ow)))
+    keep = draw(st.sampled_from([1e-3, 0.05, 0.3, 1.0]))
+    return x, g, (o, c, k, k), s, p, keep
+
+
+def brute_force_taps(idx, x_shape, kshape, s, p):
+    """Kept (element, tap) pairs that land inside grad_out, counted directly."""
+    _, _, h, w = x_shape
+    _, _, kh, kw = kshape
+    oh, ow = conv.out_size(h, kh, s, p), conv.out_size(w, kw, s, p)
+    y = (idx // w) % h
+    x = idx % w
+    count = 0
+    for i in range(kh):
+        r = y + p - i
+        ok_r = (r % s == 0) & (r >= 0) & (r // s < oh)
+        for j in range(kw):
+            q = x + p - j
+            count += int(np.sum(ok_r & (q % s == 0) & (q >= 0) & (q // s < ow)))
+    return count
+
+
+@given(conv_cases())
+def test_conv2d_grad_weight_sparse_matches_dense(case):
+    # Arrange
+    x, g, kshape, s, p, keep = case
+    act, xm = sparse_case(x, keep)
+    # Act
+    grad_w, macs = kern.conv2d_grad_weight_sparse_count(
+        act.indices(), act.values, x.shape, g, kshape, s, p)
+    # Assert
+    dense = conv.conv2d_grad_weight(xm, g, kshape, s, p)
+    ref = conv_gw64(xm, g, kshape, s, p)
+    scale = conv_gw64(np.abs(xm), np.abs(g), kshape, s, p)
+    assert grad_w.dtype == np.float32 and grad_w.shape == kshape
+    assert np.all(np.abs(grad_w - ref) <= TOL * scale + ATOL)
+    assert np.all(np.abs(grad_w - dense) <= 2 * TOL * scale + ATOL)
+    taps = brute_force_taps(act.indices().astype(np.int64), x.shape, kshape, s, p)
+    assert macs == kshape[0] * taps
+    assert macs == kern.conv2d_grad_weight_sparse_macs(act.indices(), x.shape,
+                                                       g.shape, kshape, s, p)
+
+
+@pytest.mark.parametrize("keep", [1e-3, 0.02, 0.5, 1.0])
+def test_conv2d_grad_weight_sparse_both_loop_orders(keep):
+    # Arrange: large enough for several parts; small keep takes the in-place path
+    rng = np.random.default_rng(2)
+    x = np.maximum(rng.standard_normal((4, 8, 12, 12)), 0).astype(np.float32)
+    g = rng.standard_normal((4, 16, 6, 6)).astype(np.float32)
+    act, xm = sparse_case(x, keep)
+    # Act
+    grad_w = kern.conv2d_grad_weight_sparse(act.indices(), act.values, x.shape, g,
+                                            (16, 8, 3, 3), 2, 1)
+    # Assert
+    ref = conv_gw64(xm, g, (16, 8, 3, 3), 2, 1)
+    scale = conv_gw64(np.abs(xm), np.abs(g), (16, 8, 3, 3), 2, 1)
+    assert np.all(np.abs(grad_w - ref) <= TOL * scale + ATOL)
+
+
+def test_conv2d_grad_weight_sparse_empty():
+    g = np.ones((2, 3, 4, 4), dtype=np.float32)
+    idx = np.empty(0, dtype=np.int32)
+    vals = np.empty(0, dtype=np.float32)
+    grad_w = kern.conv2d_grad_weight_sparse(idx, vals, (2, 5, 4, 4), g, (3, 5, 3, 3),
+                                            1, 1)
+    np.testing.assert_array_equal(grad_w, np.zeros((3, 5, 3, 3), np.float32))
+
+
+def test_conv2d_grad_weight_sparse_bad_inputs():
+    g = np.ones((2, 3, 4, 4), dtype=np.float32)
+    idx = np.array([0, 200], dtype=np.int32)
+    vals = np.ones(2, dtype=np.float32)
+    with pytest.raises(ShapeError):  # index out of range
+        kern.conv2d_grad_weight_sparse(idx, vals, (2, 5, 4, 4), g, (3, 5, 3, 3), 1, 1)
+    with pytest.raises(ShapeError):  # grad_out shape
+        kern.conv2d_grad_weight_sparse(idx[:1], vals[:1], (2, 5, 4, 4), g,
+                                       (3, 5, 3, 3), 1, 0)
+    with pytest.raises(DTypeError):
+        kern.conv2d_grad_weight_sparse(idx.astype(np.int64), vals, (2, 5, 4, 4), g,
+                                       (3, 5, 3, 3), 1, 1)
+
+
+@given(st.integers(1, 6), st.integers(1, 50), st.integers(1, 7),
+       st.sampled_from([1e-3, 0.1, 0.5, 1.0]), st.data())
+def test_linear_grad_weight_sparse_matches_dense(n, n_in, n_out, keep, data):
+    # Arrange
+    x = data.draw(values((n, n_in)))
+    g = data.draw(values((n, n_out)))
+    act, xm = sparse_case(x, keep)
+    # Act
+    grad_w = kern.linear_grad_weight_sparse(act.indices(), act.values, x.shape, g)
+    # Assert
+    ref = g.astype(np.float64).T @ xm.astype(np.float64)
+    scale = np.abs(g.astype(np.float64)).T @ np.abs(xm.astype(np.float64))
+    assert grad_w.shape == (n_out, n_in) and grad_w.dtype == np.float32
+    assert np.all(np.abs(grad_w - ref) <= TOL * scale + ATOL)
+    assert np.all(np.abs(grad_w - g.T @ xm) <= 2 * TOL * scale + ATOL)
+    assert kern.linear_grad_weight_sparse_macs(act.indices(), n_out) == act.kept * n_out
+
+
+def test_linear_grad_weight_sparse_many_parts():
+    rng = np.random.default_rng(3)
+    x = np.maximum(rng.standard_normal((64, 300)), 0).astype(np.float32)
+    g = rng.standard_normal((64, 10)).astype(np.float32)
+    act, xm = sparse_case(x, 0.6)
+    grad_w = kern.linear_grad_weight_sparse(act.indices(), act.values, x.shape, g)
+    np.testing.assert_allclose(grad_w, g.T @ xm, rtol=1e-4, atol=1e-4)
+    assert isinstance(act, SparseActivations)

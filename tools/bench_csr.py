@@ -1,0 +1,153 @@
+"""Benchmark the CSR kernels (runtime/kernels/csr.py) against the dense ones.
+
+Usage:  NUMBA_NUM_THREADS=2 python tools/bench_csr.py [--set r8|r18|all]
+            [--reps 5] [--batch 32] [--densities 1,0.5,0.2,0.1,0.05,0.01,0.001]
+            [--stat median|min]
+
+For each layer shape and weight density (uniformly random mask), prints the
+medians (ms; after one warm-up call) of dense forward, dense grad_input (conv.py for conv, NumPy matmul for
+linear), CSR forward, CSR grad_input, and dense/CSR of forward + grad_input
+(> 1: CSR is faster). The last line of each shape is the crossover: the density
+at which the ratio crosses 1, interpolated in log(density) between measured points.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+
+import numpy as np
+
+# conv: (C, H, O, k, stride, pad) on square H x H inputs; linear: (in, out)
+R8 = [(16, 32, 16, 3, 1, 1), (16, 32, 32, 3, 2, 1), (32, 16, 32, 3, 1, 1),
+      (32, 16, 64, 3, 2, 1), (64, 8, 64, 3, 1, 1), (16, 32, 32, 1, 2, 0),
+      (32, 16, 64, 1, 2, 0), (64, 10)]
+R18 = [(64, 32, 64, 3, 1, 1), (128, 16, 128, 3, 1, 1), (256, 8, 256, 3, 1, 1),
+       (512, 4, 512, 3, 1, 1), (512, 10)]
+SETS = {"r8": R8, "r18": R18, "all": R8 + R18}
+DENSITIES = "1,0.5,0.2,0.1,0.05,0.01,0.001"
+
+
+STAT = {"median": np.median, "min": np.min}
+
+
+def _time_ms(fn, reps: int, stat: str = "median") -> float:
+    """``stat`` (median or min) of ``reps`` calls after one warm-up call, in ms."""
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(STAT[stat](times) * 1e3)
+
+
+def _sparse_weight(shape, density, rng):
+    w = (rng.standard_normal(shape) * 0.1).astype(np.float32)
+    w[rng.random(shape) >= density] = 0.0
+    return w
+
+
+def _conv_calls(shape, batch, rng):
+    """(dense fwd, dense grad_input, csr fwd maker, csr grad_input maker)."""
+    from sparsefedpp.runtime.kernels import conv, csr
+
+    c, h, o, k, s, p = shape
+    oh = (h + 2 * p - k) // s + 1
+    x = rng.standard_normal((batch, c, h, h)).astype(np.float32)
+    g = rng.standard_normal((batch, o, oh, oh)).astype(np.float32)
+    kshape = (o, c, k, k)
+    w = _sparse_weight(kshape, 1.0, rng)
+
+    def fwd(m):
+        return lambda: csr.csr_conv2d_forward(x, m.data, m.indices, m.indptr, kshape,
+                                              s, p)
+
+    def gin(m):
+        return lambda: csr.csr_conv2d_grad_input(g, m.data, m.indices, m.indptr,
+                                                 kshape, x.shape, s, p)
+
+    return (lambda: conv.conv2d_forward(x, w, s, p),
+            lambda: conv.conv2d_grad_input(g, w, x.shape, s, p), fwd, gin, kshape)
+
+
+def _linear_calls(shape, batch, rng):
+    from sparsefedpp.runtime.kernels import csr
+
+    k, o = shape
+    x = rng.standard_normal((batch, k)).astype(np.float32)
+    g = rng.standard_normal((batch, o)).astype(np.float32)
+    w = _sparse_weight((o, k), 1.0, rng)
+
+    def fwd(m):
+        return lambda: csr.csr_linear_forward(x, m.data, m.indices, m.indptr, o)
+
+    def gin(m):
+        return lambda: csr.csr_linear_grad_input(g, m.data, m.indices, m.indptr, k)
+
+    return lambda: x @ w.T, lambda: g @ w, fwd, gin, (o, k)
+
+
+def _crossover(densities, ratios) -> str:
+    """Density where dense/CSR crosses 1 (log-interpolated), as text."""
+    pts = sorted(zip(densities, ratios), reverse=True)  # densest first
+    if pts[0][1] >= 1.0:
+        return f">= {pts[0][0]:g} (CSR faster at every measured density)"
+    for (d_hi, r_hi), (d_lo, r_lo) in itertools.pairwise(pts):
+        if r_lo >= 1.0:
+            f = np.log(r_hi) / (np.log(r_hi) - np.log(r_lo))
+            return f"{np.exp(np.log(d_hi) + f * (np.log(d_lo) - np.log(d_hi))):.3g}"
+    return f"< {pts[-1][0]:g} (dense faster at every measured density)"
+
+
+def bench_shape(shape, batch, reps, densities, rng, stat="median"):
+    from sparsefedpp.runtime.sparse import to_csr
+
+    make = _conv_calls if len(shape) == 6 else _linear_calls
+    dense_f, dense_g, csr_f, csr_g, wshape = make(shape, batch, rng)
+    df, dg = _time_ms(dense_f, reps, stat), _time_ms(dense_g, reps, stat)
+    rows = []
+    for d in densities:
+        m = to_csr(_sparse_weight(wshape, d, rng))
+        cf, cg = _time_ms(csr_f(m), reps, stat), _time_ms(csr_g(m), reps, stat)
+        rows.append((d, m.nnz, cf, cg, (df + dg) / (cf + cg)))
+    return df, dg, rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--set", choices=sorted(SETS), default="all")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--densities", default=DENSITIES)
+    ap.add_argument("--stat", choices=sorted(STAT), default="median",
+                    help="min is a noise check on a shared machine")
+    args = ap.parse_args(argv)
+    import numba
+
+    densities = [float(d) for d in args.densities.split(",")]
+    rng = np.random.default_rng(0)
+    print(f"N={args.batch}, numba threads={numba.get_num_threads()}, {args.stat} of "
+          f"{args.reps} (ms); ratio = dense(f+g) / csr(f+g), > 1: CSR faster")
+    for shape in SETS[args.set]:
+        if len(shape) == 6:
+            c, h, o, k, s, p = shape
+            name = f"conv {c}@{h}x{h}->{o} k{k} s{s} p{p}"
+        else:
+            name = f"linear {shape[0]}->{shape[1]}"
+        df, dg, rows = bench_shape(shape, args.batch, args.reps, densities, rng,
+                                   args.stat)
+        print(f"{name}: dense fwd {df:.3f}  grad_in {dg:.3f}")
+        print(f"  {'density':>8} {'nnz':>8} {'csr fwd':>9} {'csr g_in':>9} "
+              f"{'ratio':>7}")
+        for d, nnz, cf, cg, r in rows:
+            print(f"  {d:8g} {nnz:8d} {cf:9.3f} {cg:9.3f} {r:7.2f}")
+        print(f"  crossover: {_crossover(densities, [r[4] for r in rows])}")
+        sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
