@@ -5,10 +5,11 @@ Usage:  NUMBA_NUM_THREADS=2 python tools/bench_csr.py [--set r8|r18|all]
             [--stat median|min]
 
 For each layer shape and weight density (uniformly random mask), prints the
-medians (ms; after one warm-up call) of dense forward, dense grad_input (conv.py for conv, NumPy matmul for
-linear), CSR forward, CSR grad_input, and dense/CSR of forward + grad_input
-(> 1: CSR is faster). The last line of each shape is the crossover: the density
-at which the ratio crosses 1, interpolated in log(density) between measured points.
+medians (ms, after one warm-up call) of dense forward, dense grad_input (conv.py
+for conv, NumPy matmul for linear), CSR forward, CSR grad_input, and dense/CSR of
+forward + grad_input (> 1: CSR is faster). The last line of each shape is the
+crossover: the density at which the ratio crosses 1, interpolated in log(density)
+between measured points; a summary table of all shapes ends the output.
 """
 
 from __future__ import annotations
@@ -129,6 +130,7 @@ def main(argv=None) -> int:
 
     densities = [float(d) for d in args.densities.split(",")]
     rng = np.random.default_rng(0)
+    summary = []
     print(f"N={args.batch}, numba threads={numba.get_num_threads()}, {args.stat} of "
           f"{args.reps} (ms); ratio = dense(f+g) / csr(f+g), > 1: CSR faster")
     for shape in SETS[args.set]:
@@ -144,8 +146,16 @@ def main(argv=None) -> int:
               f"{'ratio':>7}")
         for d, nnz, cf, cg, r in rows:
             print(f"  {d:8g} {nnz:8d} {cf:9.3f} {cg:9.3f} {r:7.2f}")
-        print(f"  crossover: {_crossover(densities, [r[4] for r in rows])}")
+        cross = _crossover(densities, [r[4] for r in rows])
+        print(f"  crossover: {cross}")
         sys.stdout.flush()
+        summary.append((name, df + dg, [r[4] for r in rows], cross.split(" (")[0]))
+    print("\nsummary: dense f+g (ms), then dense/CSR of f+g at each density")
+    print(f"{'layer':34} {'dense':>7} " + " ".join(f"{d:>6g}" for d in densities)
+          + "  crossover")
+    for name, dense, ratios, cross in summary:
+        print(f"{name:34} {dense:7.2f} " + " ".join(f"{r:6.2f}" for r in ratios)
+              + f"  {cross}")
     return 0
 
 

@@ -204,6 +204,19 @@ def test_read_only_inputs_are_accepted():
                                rtol=1e-5, atol=1e-4)
 
 
+def test_other_integer_index_dtypes_are_converted():
+    # int32 indptr is STYLE.md's wire choice; int64 indices come from np.nonzero
+    rng = np.random.default_rng(5)
+    wt = rng.standard_normal((3, 4)).astype(np.float32)
+    x = rng.standard_normal((2, 4)).astype(np.float32)
+    data, indices, indptr = csr_args(wt)
+    y = csr.csr_linear_forward(x, data, indices.astype(np.int64),
+                               indptr.astype(np.int32), 3)
+    np.testing.assert_allclose(y, x @ wt.T, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ConfigError, match="below 2\\*\\*31"):
+        csr.csr_linear_forward(x, data, indices.astype(np.int64) + 2**32, indptr, 3)
+
+
 @pytest.mark.parametrize("kwargs, error, match", [
     ({"stride": 0}, ConfigError, "stride >= 1"),
     ({"pad": -1}, ConfigError, "pad >= 0"),
@@ -276,10 +289,11 @@ def test_csr_linear_rejects_mismatched_shapes():
 # -------------------------------------------------------------- prefer_csr
 def test_prefer_csr_is_a_density_threshold():
     for kind in ("conv", "linear"):
-        assert csr.prefer_csr(0.0, kind)
-        assert not csr.prefer_csr(1.0, kind) or csr._CROSSOVER[kind] >= 1.0
         flags = [csr.prefer_csr(d, kind) for d in np.linspace(0, 1, 21)]
         assert flags == sorted(flags, reverse=True)
+        assert not csr.prefer_csr(1.0, kind)
+    assert csr.prefer_csr(0.1, "conv")
+    assert not csr.prefer_csr(0.0, "linear")  # BLAS wins on fc layers this size
     with pytest.raises(ConfigError, match="kind"):
         csr.prefer_csr(0.5, "pool")
     with pytest.raises(ConfigError, match="density in \\[0, 1\\]"):
