@@ -258,13 +258,13 @@ class Conv2d(_Weighted):
         cost = self.cost
         dense_macs = g.size * w[0].size
         cost.dense_macs_grad_weight = cost.dense_macs_grad_input = dense_macs
-        if isinstance(act, SparseActivations):
-            idx, vals = act.indices(), act.values
-            grad_w = activation.conv2d_grad_weight_sparse(idx, vals, shape, g, w.shape,
-                                                          s, p)
-            cost.macs_grad_weight = activation.conv2d_grad_weight_sparse_macs(
-                idx, shape, g.shape, w.shape, s, p)
+        if isinstance(act, SparseActivations) and activation.prefer_sparse_grad(
+                act.kept / max(act.size, 1), k):
+            grad_w, cost.macs_grad_weight = activation.conv2d_grad_weight_sparse_count(
+                act.indices(), act.values, shape, g, w.shape, s, p)
         else:
+            if isinstance(act, SparseActivations):  # many kept: the dense kernel is faster
+                act = act.to_dense()
             grad_w = conv.conv2d_grad_weight(act, g, w.shape, s, p)
             cost.macs_grad_weight = dense_macs
         self._accumulate_weight_grad(grad_w, dw_dv)

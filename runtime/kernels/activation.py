@@ -430,6 +430,20 @@ def _linear_gw(indices, values, n_in, g, part):  # pragma: no cover - compiled
 _NCHW_FACTOR = 8
 
 
+# Above these kept fractions the dense grad_weight on the decompressed input is
+# faster than the sparse kernel (tools/bench_sparse_grad.py, batch 32, ResNet-8
+# shapes: the sparse kernel wins below ~0.1 kept for 3x3 kernels and below ~0.01
+# for the 1x1 stride-2 shortcuts).
+_SPARSE_GRAD_MAX_KEPT = {1: 0.01}
+_SPARSE_GRAD_MAX_KEPT_DEFAULT = 0.1
+
+
+def prefer_sparse_grad(kept_fraction: float, kernel_size: int) -> bool:
+    """Whether conv2d_grad_weight_sparse beats the dense kernel at this kept fraction."""
+    limit = _SPARSE_GRAD_MAX_KEPT.get(kernel_size, _SPARSE_GRAD_MAX_KEPT_DEFAULT)
+    return kept_fraction <= limit
+
+
 def _num_parts(n_kept: int) -> int:
     # one slice of the kept list per thread; one slice when too few to share
     return max(1, min(nb.get_num_threads(), n_kept // 2048))

@@ -93,6 +93,10 @@ _PARALLEL_NNZ = 1 << 17  # transposes of fewer nonzeros run serially (~1 ms)
 # Density below which CSR forward + grad_input beats the dense kernels (conv.py for
 # conv, NumPy matmul for linear), measured at batch 32, two threads: module docstring
 _CROSSOVER = {"conv": 0.5, "linear": 0.0}
+# conv forward / grad_input take the direct path (no phase planes) when the MACs per
+# image, nnz * OH * OW, are at most this many times the floats per image the planes
+# path would copy (C*H*W of x, O*OH*OW of grad_out): module docstring, "Direct path"
+_DIRECT_RATIO = 1.0
 
 
 @nb.njit("void(f4[:, ::1], i8[::1], i8[::1], i8[::1], f4[::1], i8, i8, i8, i8,"
@@ -181,6 +185,80 @@ def _gather_taps(src, ptr, plane, off, val, size, wq, nb_img, ds, box,
                 row = out[n, ch, a * ds + dy]
                 for b in range(b0, b1):
                     row[b * ds + dx] = acc[base + b]
+
+
+@nb.njit("UniTuple(i8, 2)(i8, i8, i8, i8, i8)", **JIT)
+def _valid(i, s, p, size, num):  # pragma: no cover - compiled
+    # [a0, a1): the outputs a < num whose input index a*s - p + i lies in [0, size)
+    a0 = max(0, -((i - p) // s))
+    a1 = min(num, (size - 1 + p - i) // s + 1)
+    return a0, max(a0, a1)
+
+
+@nb.njit("void(f4[:, :, :, ::1], i4[::1], i8[::1], f4[::1], i8, i8, i8, i8,"
+         " f4[:, :, :, ::1])", **JIT_PARALLEL_FASTMATH)
+def _direct_forward(x, indices, indptr, data, kh, kw, s, p,
+                    y):  # pragma: no cover - compiled
+    # y[n, o] = sum over the nonzeros (c, i, j, v) of row o of
+    # v * x[n, c, a*s - p + i, b*s - p + j] over the valid (a, b) only
+    n_img, _, h, w = x.shape
+    n_out, oh, ow = y.shape[1:]
+    for idx in nb.prange(n_img * n_out):
+        n = idx // n_out
+        o = idx % n_out
+        out = y[n, o]
+        out[:, :] = 0.0
+        for k in range(indptr[o], indptr[o + 1]):
+            col = indices[k]
+            c = col // (kh * kw)
+            i = (col // kw) % kh
+            j = col % kw
+            v = data[k]
+            a0, a1 = _valid(i, s, p, h, oh)
+            b0, b1 = _valid(j, s, p, w, ow)
+            xc = x[n, c]
+            for a in range(a0, a1):
+                xr = xc[a * s - p + i]
+                yr = out[a]
+                if s == 1:
+                    for b in range(b0, b1):
+                        yr[b] += v * xr[b + j - p]
+                else:
+                    for b in range(b0, b1):
+                        yr[b] += v * xr[b * s + j - p]
+
+
+@nb.njit("void(f4[:, :, :, ::1], i8[::1], i8[::1], i8[::1], f4[::1], i8, i8, i8,"
+         " f4[:, :, :, ::1])", **JIT_PARALLEL_FASTMATH)
+def _direct_grad_input(g, gptr, grow, gtap, gval, kw, s, p,
+                       gx):  # pragma: no cover - compiled
+    # gx[n, c] = sum over the nonzeros (o, i, j, v) of input channel c (the CSC
+    # column group gptr[c]:gptr[c+1], tap = i*kw + j) of the scatter
+    # gx[n, c, a*s - p + i, b*s - p + j] += v * g[n, o, a, b] over the valid (a, b)
+    n_img, _, oh, ow = g.shape
+    n_in, h, w = gx.shape[1:]
+    for idx in nb.prange(n_img * n_in):
+        n = idx // n_in
+        c = idx % n_in
+        out = gx[n, c]
+        out[:, :] = 0.0
+        for e in range(gptr[c], gptr[c + 1]):
+            o = grow[e]
+            i = gtap[e] // kw
+            j = gtap[e] % kw
+            v = gval[e]
+            a0, a1 = _valid(i, s, p, h, oh)
+            b0, b1 = _valid(j, s, p, w, ow)
+            go = g[n, o]
+            for a in range(a0, a1):
+                gr = go[a]
+                xr = out[a * s - p + i]
+                if s == 1:
+                    for b in range(b0, b1):
+                        xr[b + j - p] += v * gr[b]
+                else:
+                    for b in range(b0, b1):
+                        xr[b * s + j - p] += v * gr[b]
 
 
 @nb.njit("void(i4[::1], i8[::1], i8[::1], i8[:, ::1], i8)", **JIT)
@@ -322,7 +400,8 @@ def csr_conv2d_forward(x: np.ndarray, data, indices, indptr, kshape: tuple,
                        stride: int, pad: int) -> np.ndarray:
     """y = conv(x, w) with w in CSR; same result as ``conv.conv2d_forward``.
 
-    Wraps ``_gather_taps`` (groups = output channels).
+    Wraps ``_direct_forward`` at low density (``_use_direct``), else
+    ``_gather_taps`` on phase planes (groups = output channels).
 
     Parameters
     ----------
@@ -335,6 +414,11 @@ def csr_conv2d_forward(x: np.ndarray, data, indices, indptr, kshape: tuple,
     -------
     y : (N, O, OH, OW) float32
     """
+    return _conv_forward(x, data, indices, indptr, kshape, stride, pad, "auto")
+
+
+def _conv_forward(x, data, indices, indptr, kshape, stride, pad, path: str):
+    """csr_conv2d_forward on a given path: "auto", "planes" or "direct"."""
     what = "csr_conv2d_forward"
     # writable: conv._phases has no read-only signature (decoded buffers are read-only)
     x = np.require(as_f32(x, f"{what}: x"), requirements=["W"])
@@ -349,6 +433,12 @@ def csr_conv2d_forward(x: np.ndarray, data, indices, indptr, kshape: tuple,
     s, p = int(stride), int(pad)
     if data.shape[0] == 0 or n == 0 or o == 0:
         return np.zeros((n, o, oh, ow), dtype=np.float32)
+    if path == "auto":
+        path = "direct" if _use_direct(data.shape[0], oh * ow, c * h * wd) else "planes"
+    if path == "direct":
+        y = np.empty((n, o, oh, ow), dtype=np.float32)
+        _direct_forward(x, indices, indptr, data, kh, kw, s, p, y)
+        return y
     hq, wq = -(-(h + 2 * p) // s), -(-(wd + 2 * p) // s)
     sph, spw, plane, off, order = conv._forward_taps(c, kh, kw, s, wq)
     tap_plane = np.empty_like(plane)
@@ -369,8 +459,8 @@ def csr_conv2d_grad_input(grad_out: np.ndarray, data, indices, indptr,
                           pad: int) -> np.ndarray:
     """dL/dx (N, C, H, W) f4 from grad_out and w in CSR; = ``conv.conv2d_grad_input``.
 
-    Polyphase for every stride (see the module docstring); wraps
-    ``_group_entries`` (the transpose) and ``_gather_taps``.
+    Wraps ``_group_entries`` (the transpose), then ``_direct_grad_input`` at low
+    density (``_use_direct``), else ``_gather_taps`` polyphase (module docstring).
 
     Parameters
     ----------
@@ -379,6 +469,13 @@ def csr_conv2d_grad_input(grad_out: np.ndarray, data, indices, indptr,
     kshape : (O, C, kh, kw); in_shape : (N, C, H, W) of the layer input
     stride, pad : as in the forward call
     """
+    return _conv_grad_input(grad_out, data, indices, indptr, kshape, in_shape, stride,
+                            pad, "auto")
+
+
+def _conv_grad_input(grad_out, data, indices, indptr, kshape, in_shape, stride, pad,
+                     path: str):
+    """csr_conv2d_grad_input on a given path: "auto", "planes" or "direct"."""
     what = "csr_conv2d_grad_input"
     g = np.require(as_f32(grad_out, f"{what}: grad_out"), requirements=["W"])
     o, c, kh, kw = _kshape(kshape, what)
@@ -393,6 +490,16 @@ def csr_conv2d_grad_input(grad_out: np.ndarray, data, indices, indptr,
     s, p = int(stride), int(pad)
     if data.shape[0] == 0 or n * c * h * wd == 0:
         return np.zeros((n, c, h, wd), dtype=np.float32)
+    if path == "auto":
+        path = "direct" if _use_direct(data.shape[0], oh * ow, o * oh * ow) else "planes"
+    if path == "direct":
+        # the CSC of w: nonzeros grouped by input channel, each with its tap i*kw + j
+        col = np.arange(c * kh * kw)
+        gptr, grow, gtap, gval = _transposed(data, indices, indptr, col // (kh * kw),
+                                             col % (kh * kw), c)
+        grad_x = np.empty((n, c, h, wd), dtype=np.float32)
+        _direct_grad_input(g, gptr, grow, gtap, gval, kw, s, p, grad_x)
+        return grad_x
     # rows a of phase pi of the padded dL/dx that land inside x: [r0, r1); the
     # grid starts at the first such row of any phase (a - rmin), so that stride 1
     # gets the tight (H + kh - 1) x (W + kw - 1) grid of conv.py's flipped-kernel
@@ -421,6 +528,32 @@ def csr_conv2d_grad_input(grad_out: np.ndarray, data, indices, indptr,
     _gather_taps(gs, gptr, grow, goff, gval, size, wg, _chunk(n, size), s, box,
                  grad_x)
     return grad_x
+
+
+def _use_direct(nnz: int, out_pixels: int, copied: int) -> bool:
+    """True when the direct path beats the phase planes (module docstring):
+    MACs per image (nnz * OH * OW) at most _DIRECT_RATIO x the floats per image the
+    planes path copies (x for forward, grad_out for grad_input)."""
+    return nnz * out_pixels <= _DIRECT_RATIO * copied
+
+
+def csr_conv2d_macs(indices, indptr, kshape: tuple, in_shape: tuple, stride: int,
+                    pad: int, n_images: int) -> int:
+    """Multiply-adds the direct path executes for one call (forward or grad_input).
+
+    Exactly the valid taps: sum over the nonzeros (o, c, i, j) of n_images *
+    rows(i) * cols(j), rows(i) = #{a < OH : 0 <= a*s - p + i < H} (cols alike), so
+    border taps count less than OH * OW. ``in_shape`` ends with (H, W).
+    """
+    _, _, kh, kw = _kshape(kshape, "csr_conv2d_macs")
+    h, wd = (int(d) for d in in_shape[-2:])
+    oh, ow = _geometry(h, wd, kh, kw, stride, pad, "csr_conv2d_macs")
+    s, p = int(stride), int(pad)
+    rows = np.array([np.subtract(*_valid(i, s, p, h, oh)[::-1]) for i in range(kh)])
+    cols = np.array([np.subtract(*_valid(j, s, p, wd, ow)[::-1]) for j in range(kw)])
+    col = np.asarray(indices, dtype=np.int64)[:int(np.asarray(indptr)[-1])]
+    per_image = rows[col // kw % kh] * cols[col % kw]
+    return int(n_images) * int(per_image.sum())
 
 
 def _phase_range(pi: int, s: int, p: int, size: int, num: int) -> tuple:

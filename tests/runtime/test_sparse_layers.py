@@ -60,12 +60,13 @@ def test_sparsity_zero_reproduces_the_dense_engine_exactly(policy):
 
 @pytest.mark.parametrize("k, stride, pad", [(3, 1, 1), (3, 2, 1), (1, 2, 0)])
 @pytest.mark.parametrize("alpha", [1.0, 1.25])
+@pytest.mark.parametrize("keep", [0.3, 0.005])  # dense-kernel and sparse-kernel grad_w
 def test_conv_sparse_backward_equals_masked_reference_with_reused_threshold(
-        k, stride, pad, alpha):
+        k, stride, pad, alpha, keep):
     rng = np.random.default_rng(5)
     layer = Conv2d(6, 5, k, stride=stride, padding=pad, bias=True, alpha=alpha, rng=rng)
     layer.weight[rng.random(layer.weight.shape) < 0.6] = 0.0
-    layer.sparsify_activations(0.3, refresh_every=0)
+    layer.sparsify_activations(keep, refresh_every=0)
     w, dw_dv = (layer.effective_weight(), None)
     if alpha != 1.0:
         dw_dv = alpha * np.abs(layer.weight) ** (alpha - 1)
@@ -79,13 +80,13 @@ def test_conv_sparse_backward_equals_masked_reference_with_reused_threshold(
         g = rng.standard_normal(y.shape, dtype=np.float32)
         gx = layer.backward(g)
         if batch == 0:
-            mask = _topk_mask(x, 0.3)
+            mask = _topk_mask(x, keep)
             threshold = np.abs(x[mask]).min()
             assert layer.sparsifier.threshold == pytest.approx(threshold)
         else:
             assert layer.sparsifier.threshold == pytest.approx(threshold)
             mask = (np.abs(x) >= threshold) & (x != 0)
-            assert mask.sum() > _topk_mask(x, 0.3).sum()  # the reuse is visible
+            assert mask.sum() > _topk_mask(x, keep).sum()  # the reuse is visible
         np.testing.assert_allclose(y, conv.conv2d_forward(x, w, stride, pad)
                                    + layer.bias[None, :, None, None], rtol=1e-5, atol=1e-5)
         ref_gw = conv.conv2d_grad_weight(np.where(mask, x, 0), g, w.shape, stride, pad)
