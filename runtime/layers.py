@@ -186,7 +186,14 @@ class _Weighted(Layer):
     def _record_forward(self, x, y, w, dw_dv, m, act):
         dense = int(y.size) * int(w[0].size)
         self.cost.dense_macs_forward = dense
-        self.cost.macs_forward = dense if m is None else (y.size // w.shape[0]) * m.nnz
+        if m is None:
+            self.cost.macs_forward = dense
+        elif y.ndim == 4:  # the valid taps of the nonzeros (kernels/csr.py)
+            self.cost.macs_forward = csr.csr_conv2d_macs(
+                m.indices, m.indptr, w.shape, x.shape, self.stride, self.padding,
+                x.shape[0])
+        else:
+            self.cost.macs_forward = x.shape[0] * m.nnz
         self.cost.kernel = "dense" if m is None else "csr"
         held = 0 if act is None else nbytes_of(act)
         self._set_cache(None if act is None else (act, w, m, dw_dv),
@@ -273,7 +280,7 @@ class Conv2d(_Weighted):
         if m is None:
             cost.macs_grad_input = dense_macs
             return conv.conv2d_grad_input(g, w, shape, s, p)
-        cost.macs_grad_input = (g.size // w.shape[0]) * m.nnz
+        cost.macs_grad_input = cost.macs_forward  # the same valid taps, transposed
         return csr.csr_conv2d_grad_input(g, m.data, m.indices, m.indptr, w.shape, shape,
                                          s, p)
 

@@ -2,7 +2,11 @@
 
 Usage:  NUMBA_NUM_THREADS=2 python tools/bench_csr.py [--set r8|r18|all]
             [--reps 5] [--batch 32] [--densities 1,0.5,0.2,0.1,0.05,0.01,0.001]
-            [--stat median|min]
+            [--low] [--path auto|planes|direct] [--stat median|min]
+
+``--low`` measures the low densities (0.05-0.001) where the conv kernels switch
+to their direct path; ``--path`` forces the conv path (default: the kernels'
+own choice, csr._use_direct).
 
 For each layer shape and weight density (uniformly random mask), prints the
 medians (ms, after one warm-up call) of dense forward, dense grad_input (conv.py
@@ -29,6 +33,7 @@ R18 = [(64, 32, 64, 3, 1, 1), (128, 16, 128, 3, 1, 1), (256, 8, 256, 3, 1, 1),
        (512, 4, 512, 3, 1, 1), (512, 10)]
 SETS = {"r8": R8, "r18": R18, "all": R8 + R18}
 DENSITIES = "1,0.5,0.2,0.1,0.05,0.01,0.001"
+LOW_DENSITIES = "0.05,0.02,0.01,0.005,0.002,0.001"
 
 
 STAT = {"median": np.median, "min": np.min}
@@ -51,7 +56,7 @@ def _sparse_weight(shape, density, rng):
     return w
 
 
-def _conv_calls(shape, batch, rng):
+def _conv_calls(shape, batch, rng, path="auto"):
     """(dense fwd, dense grad_input, csr fwd maker, csr grad_input maker)."""
     from sparsefedpp.runtime.kernels import conv, csr
 
@@ -63,18 +68,18 @@ def _conv_calls(shape, batch, rng):
     w = _sparse_weight(kshape, 1.0, rng)
 
     def fwd(m):
-        return lambda: csr.csr_conv2d_forward(x, m.data, m.indices, m.indptr, kshape,
-                                              s, p)
+        return lambda: csr._conv_forward(x, m.data, m.indices, m.indptr, kshape, s, p,
+                                         path)
 
     def gin(m):
-        return lambda: csr.csr_conv2d_grad_input(g, m.data, m.indices, m.indptr,
-                                                 kshape, x.shape, s, p)
+        return lambda: csr._conv_grad_input(g, m.data, m.indices, m.indptr, kshape,
+                                            x.shape, s, p, path)
 
     return (lambda: conv.conv2d_forward(x, w, s, p),
             lambda: conv.conv2d_grad_input(g, w, x.shape, s, p), fwd, gin, kshape)
 
 
-def _linear_calls(shape, batch, rng):
+def _linear_calls(shape, batch, rng, path="auto"):
     from sparsefedpp.runtime.kernels import csr
 
     k, o = shape
@@ -103,11 +108,11 @@ def _crossover(densities, ratios) -> str:
     return f"< {pts[-1][0]:g} (dense faster at every measured density)"
 
 
-def bench_shape(shape, batch, reps, densities, rng, stat="median"):
+def bench_shape(shape, batch, reps, densities, rng, stat="median", path="auto"):
     from sparsefedpp.runtime.sparse import to_csr
 
     make = _conv_calls if len(shape) == 6 else _linear_calls
-    dense_f, dense_g, csr_f, csr_g, wshape = make(shape, batch, rng)
+    dense_f, dense_g, csr_f, csr_g, wshape = make(shape, batch, rng, path)
     df, dg = _time_ms(dense_f, reps, stat), _time_ms(dense_g, reps, stat)
     rows = []
     for d in densities:
@@ -123,16 +128,22 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--densities", default=DENSITIES)
+    ap.add_argument("--low", action="store_true",
+                    help=f"densities {LOW_DENSITIES} (overrides --densities)")
+    ap.add_argument("--path", choices=["auto", "planes", "direct"], default="auto",
+                    help="conv path of the CSR kernels (auto: their own choice)")
     ap.add_argument("--stat", choices=sorted(STAT), default="median",
                     help="min is a noise check on a shared machine")
     args = ap.parse_args(argv)
     import numba
 
-    densities = [float(d) for d in args.densities.split(",")]
+    densities = [float(d) for d in (LOW_DENSITIES if args.low
+                                    else args.densities).split(",")]
     rng = np.random.default_rng(0)
     summary = []
     print(f"N={args.batch}, numba threads={numba.get_num_threads()}, {args.stat} of "
-          f"{args.reps} (ms); ratio = dense(f+g) / csr(f+g), > 1: CSR faster")
+          f"{args.reps} (ms), conv path {args.path}; ratio = dense(f+g) / csr(f+g), "
+          f"> 1: CSR faster")
     for shape in SETS[args.set]:
         if len(shape) == 6:
             c, h, o, k, s, p = shape
@@ -140,7 +151,7 @@ def main(argv=None) -> int:
         else:
             name = f"linear {shape[0]}->{shape[1]}"
         df, dg, rows = bench_shape(shape, args.batch, args.reps, densities, rng,
-                                   args.stat)
+                                   args.stat, args.path)
         print(f"{name}: dense fwd {df:.3f}  grad_in {dg:.3f}")
         print(f"  {'density':>8} {'nnz':>8} {'csr fwd':>9} {'csr g_in':>9} "
               f"{'ratio':>7}")

@@ -8,7 +8,7 @@ import sys
 
 from sparsefedpp.runtime.errors import SparseFedError
 
-COMMANDS = ("train", "evaluate", "bench", "bench-sparse", "cost")
+COMMANDS = ("train", "evaluate", "simulate", "report", "bench", "bench-sparse", "cost")
 
 
 def build_parser() -> argparse.ArgumentParser:

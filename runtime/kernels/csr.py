@@ -68,12 +68,55 @@ Measured (``NUMBA_NUM_THREADS=2 python tools/bench_csr.py --reps 11``, batch 32,
 
 Single-threaded the 3x3 crossovers are 0.57-0.71 and the 1x1 stride-2 ones
 0.04-0.07 (their dense grad_input is cheap; at two threads it pays for four
-parallel phase calls). At density 0.001 the floor is the phase-plane copy and the
-output writes (0.2-0.5 ms at ResNet-8 sizes). The Linear layers here take 1-8 us
-as a BLAS matmul, against 10-130 us of CSR call overhead (validation, transposes,
-a parallel launch), so CSR never pays for them. Chosen (``_CROSSOVER``): conv
+parallel phase calls). At density 0.001 the phase-plane copy and the output writes
+took 0.3-0.5 ms at ResNet-8 sizes: hence the direct path below. The Linear
+layers here take 1-8 us as a BLAS matmul, against 10-130 us of CSR call overhead
+(validation, transposes, a parallel launch), so CSR never pays for them. Chosen
+(``_CROSSOVER``): conv
 below density 0.5 (every conv layer above is >= 1.03x there at two threads),
 linear never.
+
+Direct path (conv, low density)
+-------------------------------
+Below a few nonzeros per output channel the phase-plane copy of x (or of
+grad_out) costs more than the MACs, so ``_direct_forward`` / ``_direct_grad_input``
+skip it: prange over the (image, output channel) planes of y, or the (image, input
+channel) planes of dL/dx (the nonzeros grouped by input channel with
+``_group_entries``, so threads write disjoint planes: no races, a fixed summation
+order). Each plane is zeroed, then every nonzero (c, i, j) adds v * x[n, c, a*s -
+p + i, b*s - p + j] over its valid (a, b) only (ranges from ``_valid``, once per
+nonzero: no branch in the loop; stride 1 reads and writes contiguous rows), or
+scatters v * grad_out the same way. The MACs executed are exactly the valid taps,
+``csr_conv2d_macs`` (forward and grad_input alike): fewer than nnz * N * OH * OW
+at borders, 0.96 of it for 3x3 pad 1 at 32x32, 0.92 at 16x16, 0.84 at 8x8. The
+inner loops index row slices with ``range(length)``: indexing the flat arrays
+with a computed offset left the loop scalar (no vector FMA in the assembly,
+presumably Numba's negative-index wraparound) and 2-3x slower.
+
+Chosen (``_use_direct``): direct when nnz * OH * OW <= ratio x the floats per
+image the planes path copies: the phase planes of x (C * min(s,kh) * min(s,kw) *
+HQ * WQ), ratio 2, for forward; grad_out (O * OH * OW), ratio 3.5, for
+grad_input. The crossovers measured (same setup, ``--path planes|direct``) were,
+forward: 16@32x32 3x3 s1 11, s2 3.6; 32@16x16 s1 6.7, s2 2.2; 64@8x8 2.8; 1x1 s2
+5-6.5; grad_input: 14, 7.7, 8, 5.5, 4.3, about 4. The ratios sit below the
+smallest, so the direct path was not the slower wherever it was chosen (short rows
+and stride 2 make it less efficient per MAC than the 8-tap gather loop).
+Forward / grad_input ms before (planes) -> after (auto), ``python
+tools/bench_csr.py --set r8 --low --reps 15 [--path planes]``:
+
+    layer (C@HxW->O k s p)  density 0.02     0.01             0.001
+    16@32x32->16  3 1 1     .69/.69->.63/.28 .60/.60->.17/.17 .45/.43->.10/.11
+    16@32x32->32  3 2 1     .65/.62->.25/.30 .59/.54->.16/.20 .50/.43->.07/.11
+    32@16x16->32  3 1 1     .51/.49->.45/.48 .53/.49->.46/.20 .38/.36->.07/.08
+    32@16x16->64  3 2 1     .46/.44->.42/.38 .42/.39->.20/.21 .37/.29->.06/.08
+    64@8x8->64    3 1 1     .36/.36->.33/.33 .32/.32->.30/.30 .27/.27->.07/.07
+    16@32x32->32  1 2 0     .24/.40->.09/.13 .25/.36->.07/.12 (nnz 0)
+    32@16x16->64  1 2 0     .17/.28->.08/.10 .17/.27->.06/.08 .16/.25->.04/.07
+
+At 0.005 the 3x3 layers run .12-.17 ms each way (from .29-.59).
+
+The floor is writing the output once (1-2 MB: 0.06-0.11 ms). 16@32x32 at
+density 0.01 (19 nonzeros of 2304): 0.17 ms each way, from 0.60.
 """
 
 from __future__ import annotations
@@ -93,10 +136,11 @@ _PARALLEL_NNZ = 1 << 17  # transposes of fewer nonzeros run serially (~1 ms)
 # Density below which CSR forward + grad_input beats the dense kernels (conv.py for
 # conv, NumPy matmul for linear), measured at batch 32, two threads: module docstring
 _CROSSOVER = {"conv": 0.5, "linear": 0.0}
-# conv forward / grad_input take the direct path (no phase planes) when the MACs per
-# image, nnz * OH * OW, are at most this many times the floats per image the planes
-# path would copy (C*H*W of x, O*OH*OW of grad_out): module docstring, "Direct path"
-_DIRECT_RATIO = 1.0
+# conv forward / grad_input take the direct path (no phase planes) when nnz * OH * OW
+# is at most this many times the floats per image the planes path would copy (the
+# phase planes of x, C*min(s,kh)*min(s,kw)*HQ*WQ; grad_out, O*OH*OW): the smallest
+# crossovers measured were 2.2 and 4.3 (module docstring, "Direct path")
+_DIRECT_RATIO = {"forward": 2.0, "grad_input": 3.5}
 
 
 @nb.njit("void(f4[:, ::1], i8[::1], i8[::1], i8[::1], f4[::1], i8, i8, i8, i8,"
@@ -195,19 +239,24 @@ def _valid(i, s, p, size, num):  # pragma: no cover - compiled
     return a0, max(a0, a1)
 
 
-@nb.njit("void(f4[:, :, :, ::1], i4[::1], i8[::1], f4[::1], i8, i8, i8, i8,"
-         " f4[:, :, :, ::1])", **JIT_PARALLEL_FASTMATH)
-def _direct_forward(x, indices, indptr, data, kh, kw, s, p,
-                    y):  # pragma: no cover - compiled
-    # y[n, o] = sum over the nonzeros (c, i, j, v) of row o of
-    # v * x[n, c, a*s - p + i, b*s - p + j] over the valid (a, b) only
-    n_img, _, h, w = x.shape
-    n_out, oh, ow = y.shape[1:]
+# The direct kernels take flat arrays and loop over row slices with t in
+# range(length): a start >= 0 that Numba can see, so the loop has no negative-index
+# wraparound and LLVM vectorises it (module docstring, "Direct path").
+@nb.njit("void(f4[::1], i4[::1], i8[::1], f4[::1], i8, i8, i8, i8, i8, i8, i8, i8,"
+         " i8, i8, f4[::1])", **JIT_PARALLEL_FASTMATH)
+def _direct_forward(x, indices, indptr, data, n_img, n_in, h, w, kh, kw, s, p, oh,
+                    ow, y):  # pragma: no cover - compiled
+    # x: (N, C, H, W) flat, y: (N, O, OH, OW) flat. y[n, o] = sum over the
+    # nonzeros (c, i, j, v) of row o of v * x[n, c, a*s - p + i, b*s - p + j]
+    # over the valid (a, b) only
+    n_out = indptr.shape[0] - 1
+    plane = oh * ow
     for idx in nb.prange(n_img * n_out):
         n = idx // n_out
         o = idx % n_out
-        out = y[n, o]
-        out[:, :] = 0.0
+        yb = idx * plane
+        for t in range(plane):
+            y[yb + t] = 0.0
         for k in range(indptr[o], indptr[o + 1]):
             col = indices[k]
             c = col // (kh * kw)
@@ -216,32 +265,39 @@ def _direct_forward(x, indices, indptr, data, kh, kw, s, p,
             v = data[k]
             a0, a1 = _valid(i, s, p, h, oh)
             b0, b1 = _valid(j, s, p, w, ow)
-            xc = x[n, c]
+            xb = (n * n_in + c) * h * w + (i - p) * w + j - p
+            width = b1 - b0
+            if width == 0:
+                continue
             for a in range(a0, a1):
-                xr = xc[a * s - p + i]
-                yr = out[a]
+                yr = y[yb + a * ow + b0:]
+                xr = xb + a * s * w + b0 * s
                 if s == 1:
-                    for b in range(b0, b1):
-                        yr[b] += v * xr[b + j - p]
+                    xv = x[xr:]
+                    for t in range(width):
+                        yr[t] += v * xv[t]
                 else:
-                    for b in range(b0, b1):
-                        yr[b] += v * xr[b * s + j - p]
+                    xs = x[xr:xr + s * width:s]
+                    for t in range(width):
+                        yr[t] += v * xs[t]
 
 
-@nb.njit("void(f4[:, :, :, ::1], i8[::1], i8[::1], i8[::1], f4[::1], i8, i8, i8,"
-         " f4[:, :, :, ::1])", **JIT_PARALLEL_FASTMATH)
-def _direct_grad_input(g, gptr, grow, gtap, gval, kw, s, p,
-                       gx):  # pragma: no cover - compiled
-    # gx[n, c] = sum over the nonzeros (o, i, j, v) of input channel c (the CSC
-    # column group gptr[c]:gptr[c+1], tap = i*kw + j) of the scatter
-    # gx[n, c, a*s - p + i, b*s - p + j] += v * g[n, o, a, b] over the valid (a, b)
-    n_img, _, oh, ow = g.shape
-    n_in, h, w = gx.shape[1:]
+@nb.njit("void(f4[::1], i8[::1], i8[::1], i8[::1], f4[::1], i8, i8, i8, i8, i8, i8,"
+         " i8, i8, i8, f4[::1])", **JIT_PARALLEL_FASTMATH)
+def _direct_grad_input(g, gptr, grow, gtap, gval, n_img, n_out, oh, ow, kw, s, p, h,
+                       w, gx):  # pragma: no cover - compiled
+    # g: (N, O, OH, OW) flat, gx: (N, C, H, W) flat. gx[n, c] = sum over the
+    # nonzeros (o, i, j, v) of input channel c (the CSC group gptr[c]:gptr[c+1],
+    # tap = i*kw + j) of gx[n, c, a*s - p + i, b*s - p + j] += v * g[n, o, a, b]
+    # over the valid (a, b)
+    n_in = gptr.shape[0] - 1
+    plane = h * w
     for idx in nb.prange(n_img * n_in):
         n = idx // n_in
         c = idx % n_in
-        out = gx[n, c]
-        out[:, :] = 0.0
+        xb0 = idx * plane
+        for t in range(plane):
+            gx[xb0 + t] = 0.0
         for e in range(gptr[c], gptr[c + 1]):
             o = grow[e]
             i = gtap[e] // kw
@@ -249,16 +305,22 @@ def _direct_grad_input(g, gptr, grow, gtap, gval, kw, s, p,
             v = gval[e]
             a0, a1 = _valid(i, s, p, h, oh)
             b0, b1 = _valid(j, s, p, w, ow)
-            go = g[n, o]
+            gb = (n * n_out + o) * oh * ow
+            xb = xb0 + (i - p) * w + j - p
+            width = b1 - b0
+            if width == 0:
+                continue
             for a in range(a0, a1):
-                gr = go[a]
-                xr = out[a * s - p + i]
+                gr = g[gb + a * ow + b0:]
+                xr = xb + a * s * w + b0 * s
                 if s == 1:
-                    for b in range(b0, b1):
-                        xr[b + j - p] += v * gr[b]
+                    xv = gx[xr:]
+                    for t in range(width):
+                        xv[t] += v * gr[t]
                 else:
-                    for b in range(b0, b1):
-                        xr[b * s + j - p] += v * gr[b]
+                    xs = gx[xr:xr + s * width:s]
+                    for t in range(width):
+                        xs[t] += v * gr[t]
 
 
 @nb.njit("void(i4[::1], i8[::1], i8[::1], i8[:, ::1], i8)", **JIT)
@@ -433,13 +495,16 @@ def _conv_forward(x, data, indices, indptr, kshape, stride, pad, path: str):
     s, p = int(stride), int(pad)
     if data.shape[0] == 0 or n == 0 or o == 0:
         return np.zeros((n, o, oh, ow), dtype=np.float32)
+    hq, wq = -(-(h + 2 * p) // s), -(-(wd + 2 * p) // s)
     if path == "auto":
-        path = "direct" if _use_direct(data.shape[0], oh * ow, c * h * wd) else "planes"
+        copied = c * min(s, kh) * min(s, kw) * hq * wq  # phase planes, per image
+        path = ("direct" if _use_direct(data.shape[0], oh * ow, copied, "forward")
+                else "planes")
     if path == "direct":
         y = np.empty((n, o, oh, ow), dtype=np.float32)
-        _direct_forward(x, indices, indptr, data, kh, kw, s, p, y)
+        _direct_forward(x.reshape(-1), indices, indptr, data, n, c, h, wd, kh, kw, s,
+                        p, oh, ow, y.reshape(-1))
         return y
-    hq, wq = -(-(h + 2 * p) // s), -(-(wd + 2 * p) // s)
     sph, spw, plane, off, order = conv._forward_taps(c, kh, kw, s, wq)
     tap_plane = np.empty_like(plane)
     tap_off = np.empty_like(off)
@@ -491,14 +556,16 @@ def _conv_grad_input(grad_out, data, indices, indptr, kshape, in_shape, stride, 
     if data.shape[0] == 0 or n * c * h * wd == 0:
         return np.zeros((n, c, h, wd), dtype=np.float32)
     if path == "auto":
-        path = "direct" if _use_direct(data.shape[0], oh * ow, o * oh * ow) else "planes"
+        path = ("direct" if _use_direct(data.shape[0], oh * ow, o * oh * ow,
+                                        "grad_input") else "planes")
     if path == "direct":
         # the CSC of w: nonzeros grouped by input channel, each with its tap i*kw + j
         col = np.arange(c * kh * kw)
         gptr, grow, gtap, gval = _transposed(data, indices, indptr, col // (kh * kw),
                                              col % (kh * kw), c)
         grad_x = np.empty((n, c, h, wd), dtype=np.float32)
-        _direct_grad_input(g, gptr, grow, gtap, gval, kw, s, p, grad_x)
+        _direct_grad_input(g.reshape(-1), gptr, grow, gtap, gval, n, o, oh, ow, kw, s,
+                           p, h, wd, grad_x.reshape(-1))
         return grad_x
     # rows a of phase pi of the padded dL/dx that land inside x: [r0, r1); the
     # grid starts at the first such row of any phase (a - rmin), so that stride 1
@@ -530,11 +597,11 @@ def _conv_grad_input(grad_out, data, indices, indptr, kshape, in_shape, stride, 
     return grad_x
 
 
-def _use_direct(nnz: int, out_pixels: int, copied: int) -> bool:
-    """True when the direct path beats the phase planes (module docstring):
-    MACs per image (nnz * OH * OW) at most _DIRECT_RATIO x the floats per image the
-    planes path copies (x for forward, grad_out for grad_input)."""
-    return nnz * out_pixels <= _DIRECT_RATIO * copied
+def _use_direct(nnz: int, out_pixels: int, copied: int, op: str) -> bool:
+    """True when the direct path is expected to beat the phase planes: nnz * OH * OW
+    (at most the MACs per image) <= _DIRECT_RATIO[op] x the floats per image the
+    planes path copies (module docstring, "Direct path")."""
+    return nnz * out_pixels <= _DIRECT_RATIO[op] * copied
 
 
 def csr_conv2d_macs(indices, indptr, kshape: tuple, in_shape: tuple, stride: int,

@@ -130,6 +130,80 @@ def test_csr_conv2d_grad_input_matches_reference_and_dense(data, geom):
     assert_close(gx, dense.astype(np.float64), 2 * scale)
 
 
+PATHS = ["planes", "direct"]
+
+
+@given(data=st.data(), geom=conv_geometry(), path=st.sampled_from(PATHS))
+def test_each_conv_path_matches_reference_and_dense(data, geom, path):
+    # the private entry points force the phase-plane or the direct path
+    # Arrange
+    n, c, o, h, w, kh, kw, stride, pad = geom
+    x = data.draw(values((n, c, h, w)))
+    wt = sparse_values(data, (o, c, kh, kw))
+    g = data.draw(values((n, o, out_len(h, kh, stride, pad),
+                          out_len(w, kw, stride, pad))))
+    # Act
+    y = csr._conv_forward(x, *csr_args(wt), wt.shape, stride, pad, path)
+    gx = csr._conv_grad_input(g, *csr_args(wt), wt.shape, x.shape, stride, pad, path)
+    # Assert
+    scale = ref_conv2d(np.abs(x), np.abs(wt), stride, pad)
+    assert_close(y, ref_conv2d(x, wt, stride, pad), scale)
+    assert_close(y, conv.conv2d_forward(x, wt, stride, pad).astype(np.float64),
+                 2 * scale)
+    gscale = ref_conv2d_grad_input(np.abs(g), np.abs(wt), x.shape, stride, pad)
+    assert_close(gx, ref_conv2d_grad_input(g, wt, x.shape, stride, pad), gscale)
+    dense = conv.conv2d_grad_input(g, wt, x.shape, stride, pad).astype(np.float64)
+    assert_close(gx, dense, 2 * gscale)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("c, h, wd, o, kh, kw, stride, pad", [
+    (16, 32, 32, 16, 3, 3, 1, 1), (16, 32, 32, 32, 3, 3, 2, 1),
+    (8, 16, 16, 8, 1, 1, 2, 0),
+    (4, 12, 17, 6, 3, 1, 2, 2), (4, 9, 13, 5, 1, 3, 1, 2), (3, 11, 10, 4, 3, 3, 3, 0),
+    (64, 4, 4, 8, 3, 3, 1, 1)])
+@pytest.mark.parametrize("density", [0.0, 0.01, 0.3, 1.0])
+def test_both_paths_agree_on_larger_maps(path, c, h, wd, o, kh, kw, stride, pad,
+                                         density):
+    # rows longer than one vector, kh != kw, empty rows, nnz 0 and density 1
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((3, c, h, wd)).astype(np.float32)
+    wt = rng.standard_normal((o, c, kh, kw)).astype(np.float32)
+    wt[rng.random(wt.shape) >= density] = 0.0
+    if density < 1.0:
+        wt[::2] = 0.0
+    y = csr._conv_forward(x, *csr_args(wt), wt.shape, stride, pad, path)
+    np.testing.assert_allclose(y, conv.conv2d_forward(x, wt, stride, pad),
+                               rtol=1e-5, atol=1e-4)
+    g = rng.standard_normal(y.shape).astype(np.float32)
+    gx = csr._conv_grad_input(g, *csr_args(wt), wt.shape, x.shape, stride, pad, path)
+    np.testing.assert_allclose(gx, conv.conv2d_grad_input(g, wt, x.shape, stride, pad),
+                               rtol=1e-5, atol=1e-4)
+
+
+def test_low_density_takes_the_direct_path_and_high_density_the_planes():
+    # ResNet-8 16@32x32->16 3x3: 23 nonzeros (1 %) -> direct; 30 % -> planes
+    assert csr._use_direct(23, 32 * 32, 16 * 34 * 34, "forward")
+    assert csr._use_direct(23, 32 * 32, 16 * 32 * 32, "grad_input")
+    assert not csr._use_direct(691, 32 * 32, 16 * 34 * 34, "forward")
+    assert not csr._use_direct(691, 32 * 32, 16 * 32 * 32, "grad_input")
+
+
+@given(data=st.data(), geom=conv_geometry())
+def test_csr_conv2d_macs_counts_exactly_the_valid_taps(data, geom):
+    n, c, o, h, w, kh, kw, stride, pad = geom
+    wt = sparse_values(data, (o, c, kh, kw))
+    oh, ow = out_len(h, kh, stride, pad), out_len(w, kw, stride, pad)
+    a = np.arange(oh)[:, None] * stride - pad
+    b = np.arange(ow)[None, :] * stride - pad
+    expected = sum(int(((a + i >= 0) & (a + i < h) & (b + j >= 0) & (b + j < w)).sum())
+                   for _, _, i, j in zip(*np.nonzero(wt), strict=True))
+    _, indices, indptr = csr_args(wt)
+    macs = csr.csr_conv2d_macs(indices, indptr, wt.shape, (n, c, h, w), stride, pad, n)
+    assert macs == n * expected
+    assert macs <= n * np.count_nonzero(wt) * oh * ow
+
+
 @pytest.mark.parametrize("c, h, o, k, stride, pad", [
     (16, 32, 16, 3, 1, 1), (16, 32, 32, 3, 2, 1), (32, 16, 64, 1, 2, 0),
     (64, 4, 8, 3, 1, 1)])

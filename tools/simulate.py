@@ -1,0 +1,288 @@
+"""A whole federation in one process (or a pool of worker processes).
+
+Wires the device side (trainer/) and the aggregator (server/) together through
+the real wire codec: every model sent down and every update sent up is encoded
+to bytes, counted, and decoded on the other side, exactly as over MQTT.
+
+Round r: the strategy samples clients; the global model is encoded once (downlink
+bytes = its size times the clients of the round); each client decodes it, trains
+one round (trainer/client.py) and encodes its update; the server decodes the
+updates, runs FedAvg weighted by sample counts, prunes the result to the method's
+sparsity (sparse methods) and evaluates it. The learning rate decays
+exponentially over the run: lr_r = lr0 * (lr_end / lr0) ** (r / (R - 1)).
+
+With ``workers > 1`` the clients of a round train in spawned processes (one Numba
+thread each), which receive the encoded global model and return encoded updates;
+spawn rather than fork because Numba's thread pool does not survive a fork.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from sparsefedpp.runtime import codec, models, pruning
+from sparsefedpp.runtime.errors import ConfigError
+from sparsefedpp.server.fedavg import FedAvg
+from sparsefedpp.server.strategy import ClientResult
+from sparsefedpp.trainer import partition
+from sparsefedpp.trainer.client import (
+    LocalConfig,
+    MethodConfig,
+    default_alpha,
+    local_round,
+)
+from sparsefedpp.trainer.data import Dataset, load_dataset
+from sparsefedpp.trainer.local import evaluate
+
+EVAL_SPARSITIES = (0.9, 0.95, 0.99, 0.995, 0.999)
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """Everything a simulation run depends on (written to the metrics' start event)."""
+
+    method: str = "sparsefedpp"
+    sparsity: float | None = None       # None: 0.9, or 0 for fedavg
+    model: str = "resnet8"
+    width: float = 1.0
+    alpha: float | None = None          # None: the method's default
+    data: str = "fashion-mnist"
+    clients: int = 100
+    per_round: int = 10
+    rounds: int = 20
+    lda_alpha: float | None = 1.0       # None: IID
+    val_share: float = 0.0
+    epochs: int = 1
+    batch_size: int = 16
+    lr: float = 0.5
+    lr_end: float = 0.01
+    momentum: float = 0.0
+    weight_decay: float = 1e-3
+    augment: bool = False
+    mask_ratio: float = 0.0
+    min_keep: float = 0.05
+    encoding: str = "csr"
+    min_clients: int = 1
+    eval_every: int = 1
+    eval_sparsities: tuple = EVAL_SPARSITIES
+    train_limit: int | None = None
+    test_limit: int | None = None
+    workers: int = 1
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.sparsity is None:  # frozen: resolve the default in place
+            object.__setattr__(self, "sparsity", 0.0 if self.method == "fedavg" else 0.9)
+        MethodConfig(self.method, self.sparsity, self.mask_ratio, self.min_keep)
+        checks = (("clients", self.clients, 1), ("per_round", self.per_round, 1),
+                  ("rounds", self.rounds, 1), ("epochs", self.epochs, 1),
+                  ("batch_size", self.batch_size, 1), ("eval_every", self.eval_every, 1),
+                  ("workers", self.workers, 1), ("min_clients", self.min_clients, 1))
+        for name, value, low in checks:
+            if int(value) != value or value < low:
+                raise ConfigError(f"simulate {name}: expected an integer >= {low}, got "
+                                  f"{value!r}")
+        if not (self.lr > 0 and self.lr_end > 0):
+            raise ConfigError(f"simulate lr: expected lr > 0 and lr_end > 0, got "
+                              f"{self.lr} and {self.lr_end}")
+        if self.encoding not in codec.ENCODINGS:
+            raise ConfigError(f"simulate encoding: expected one of "
+                              f"{', '.join(codec.ENCODINGS)}, got {self.encoding!r}")
+
+    @property
+    def method_config(self) -> MethodConfig:
+        return MethodConfig(self.method, self.sparsity, self.mask_ratio, self.min_keep)
+
+    @property
+    def local_config(self) -> LocalConfig:
+        return LocalConfig(self.epochs, self.batch_size, self.momentum,
+                           self.weight_decay, self.augment)
+
+    @property
+    def model_alpha(self) -> float:
+        return default_alpha(self.method) if self.alpha is None else self.alpha
+
+    def lr_at(self, rnd: int) -> float:
+        """Exponential decay from lr to lr_end over the run (rounds 0 .. R-1)."""
+        if self.rounds == 1:
+            return self.lr
+        return self.lr * (self.lr_end / self.lr) ** (rnd / (self.rounds - 1))
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    lr: float
+    clients: list[str]
+    bytes_up: int
+    bytes_down: int
+    seconds: float
+    train_loss: float
+    train_accuracy: float
+    global_sparsity: float
+    nonzeros: dict[str, int]
+    eval: dict = field(default_factory=dict)
+    failures: list = field(default_factory=list)
+
+
+# ---- the client side, in this process or in a worker process ------------------
+
+_WORKER: dict = {}
+
+
+def _init_client_side(config: SimConfig, train: Dataset, parts: list[np.ndarray]):
+    """Build the client-side model once per process (weights come from the wire)."""
+    _WORKER.update(config=config, train=train, parts=parts,
+                   model=models.build(config.model, num_classes=len(train.classes),
+                                      width=config.width, alpha=config.model_alpha,
+                                      in_channels=train.images.shape[1],
+                                      seed=config.seed))
+
+
+def _init_worker(config: SimConfig, train: Dataset, parts: list[np.ndarray]):
+    import numba
+
+    numba.set_num_threads(1)
+    _init_client_side(config, train, parts)
+
+
+def client_task(client: int, rnd: int, lr: float, model_bytes: bytes) -> bytes:
+    """Decode the global model, train one round, return the encoded update."""
+    config, model = _WORKER["config"], _WORKER["model"]
+    msg = codec.decode(model_bytes)
+    model.load_state_dict(msg.tensors)
+    data = _WORKER["train"].subset(_WORKER["parts"][client])
+    update = local_round(model, data, config.method_config, config.local_config, lr=lr,
+                         seed=config.seed * 1_000_003 + rnd * 1009 + client)
+    reply = codec.Message(kind="update", round=rnd, sender=f"client-{client}",
+                          method=config.method, tensors=update.tensors,
+                          num_examples=update.num_examples, meta=update.metrics)
+    return codec.encode(reply, config.encoding)
+
+
+# ---- the simulation ---------------------------------------------------------------
+
+
+class Simulation:
+    """Holds the data split, the server strategy and the global model of a run."""
+
+    def __init__(self, config: SimConfig):
+        self.config = c = config
+        train = load_dataset(c.data, "train")
+        test = load_dataset(c.data, "test")
+        if c.train_limit is not None:
+            train = train.subset(np.arange(min(c.train_limit, len(train))))
+        if c.test_limit is not None:
+            test = test.subset(np.arange(min(c.test_limit, len(test))))
+        if c.clients > len(train):
+            raise ConfigError(f"simulate clients: expected at most {len(train)} (one "
+                              f"example each), got {c.clients}")
+        self.train, self.test = train, test
+        if c.lda_alpha is None:
+            parts = partition.iid(train.labels, c.clients, seed=c.seed)
+        else:
+            parts = partition.dirichlet(train.labels, c.clients, c.lda_alpha, seed=c.seed)
+        self.val_parts = None
+        if c.val_share > 0:
+            parts, self.val_parts = partition.split_validation(parts, c.val_share,
+                                                               seed=c.seed)
+        self.parts = parts
+        self.skew = partition.label_skew(parts, train.labels, len(train.classes))
+        self.model = models.build(c.model, num_classes=len(train.classes), width=c.width,
+                                  alpha=c.model_alpha, in_channels=train.images.shape[1],
+                                  seed=c.seed)
+        self.eval_model = models.build(c.model, num_classes=len(train.classes),
+                                       width=c.width, alpha=c.model_alpha,
+                                       in_channels=train.images.shape[1], seed=c.seed)
+        self.global_tensors = self.model.state_dict()
+        prune_to = c.method_config.sparsity if c.method != "fedavg" else None
+        self.strategy = FedAvg(per_round=c.per_round, min_clients=c.min_clients,
+                               seed=c.seed, prune_to=prune_to or None,
+                               prune_model=self.eval_model,
+                               evaluate_fn=self.evaluate_tensors,
+                               eval_sparsities=tuple(c.eval_sparsities))
+        self.client_ids = [str(i) for i in range(c.clients)]
+        self._pool = None
+        if c.workers > 1:
+            self._pool = ProcessPoolExecutor(
+                max_workers=c.workers, mp_context=_spawn(),
+                initializer=_init_worker, initargs=(c, train, parts))
+        else:
+            _init_client_side(c, train, parts)
+
+    def global_model(self):
+        """The current global model as a Model (for checkpoints and export)."""
+        self.eval_model.load_state_dict(self.global_tensors)
+        return self.eval_model
+
+    def evaluate_tensors(self, tensors: dict[str, np.ndarray]) -> dict:
+        """Test loss and accuracy of a global model given as tensors."""
+        self.eval_model.load_state_dict(tensors)
+        return evaluate(self.eval_model, self.test)
+
+    def run_round(self, rnd: int) -> RoundRecord:
+        c = self.config
+        start = time.perf_counter()
+        lr = c.lr_at(rnd)
+        plan = self.strategy.configure_round(rnd, self.client_ids)
+        down = codec.encode(codec.Message(kind="model", round=rnd, sender="server",
+                                          method=c.method, tensors=self.global_tensors),
+                            c.encoding)
+        clients = [int(p.client_id) for p in plan]
+        if self._pool is not None:
+            futures = [self._pool.submit(client_task, k, rnd, lr, down) for k in clients]
+            replies = [f.result() for f in futures]
+        else:
+            replies = [client_task(k, rnd, lr, down) for k in clients]
+        results, failures = [], []
+        for k, data in zip(clients, replies, strict=True):
+            msg = codec.decode(data)
+            if msg.round != rnd or msg.kind != "update":
+                reason = f"stale or wrong message (round {msg.round}, kind {msg.kind})"
+                failures.append((str(k), reason))
+                continue
+            results.append(ClientResult(str(k), msg.tensors, msg.num_examples, msg.meta))
+        new = self.strategy.aggregate(rnd, results, failures)
+        if new is not None:
+            self.global_tensors = new
+        self.eval_model.load_state_dict(self.global_tensors)
+        fit = self.strategy.last_round.get("fit_metrics", {})
+        record = RoundRecord(
+            round=rnd + 1, lr=lr, clients=[str(k) for k in clients],
+            bytes_up=sum(len(b) for b in replies), bytes_down=len(down) * len(clients),
+            seconds=0.0, train_loss=float(fit.get("loss", float("nan"))),
+            train_accuracy=float(fit.get("accuracy", float("nan"))),
+            global_sparsity=pruning.global_sparsity(self.eval_model),
+            nonzeros=pruning.nonzeros(self.eval_model),
+            failures=self.strategy.last_round.get("failures", failures))
+        if rnd + 1 == c.rounds:  # dense, and after one-shot pruning at each level
+            record.eval = self.strategy.evaluate(rnd, self.global_tensors) or {}
+        elif (rnd + 1) % c.eval_every == 0:
+            record.eval = self.evaluate_tensors(self.global_tensors)
+        record.seconds = time.perf_counter() - start
+        return record
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+
+def _spawn():
+    import multiprocessing
+
+    return multiprocessing.get_context("spawn")
+
+
+def config_dict(config: SimConfig) -> dict:
+    d = asdict(config)
+    d["eval_sparsities"] = list(config.eval_sparsities)
+    return d
+
+
+def default_workers() -> int:
+    return max(1, min(2, os.cpu_count() or 1))
