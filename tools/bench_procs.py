@@ -9,6 +9,8 @@ import sys
 import time
 from dataclasses import dataclass
 
+from sparsefedpp.runtime.kernels.config import WAIT_SET_HERE
+
 from .bench_worker import TORCH_MISSING
 
 #: the thread-count variables a worker gets (OpenBLAS and Numba for our engine,
@@ -47,6 +49,9 @@ def worker_env(threads: int, *, force: bool) -> tuple[dict, dict]:
     else, OPENBLAS_CORETYPE included, passes through unchanged.
     """
     env = dict(os.environ)
+    for key, value in WAIT_SET_HERE.items():  # each framework keeps its own default
+        if env.get(key) == value:
+            del env[key]
     for key in THREAD_VARS:
         if force or key not in env:
             env[key] = str(threads)
