@@ -10,6 +10,8 @@ Parameter gradients accumulate (``+=``) until ``zero_grad()``.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from . import powerprop
@@ -85,6 +87,23 @@ def keeps_cache(train: bool, grad: bool | None) -> bool:
 KERNELS = ("auto", "dense", "csr")
 
 
+class _CSR(NamedTuple):
+    """A layer's CSR weight (O x rest) for one forward/backward, as kernels take it."""
+
+    data: np.ndarray
+    indices: np.ndarray
+    indptr: np.ndarray
+
+    @property
+    def nnz(self) -> int:
+        return int(self.data.size)
+
+
+def _csr_arrays(w: np.ndarray):
+    m = to_csr(w)
+    return m.data, m.indices, m.indptr
+
+
 class _Weighted(Layer):
     """Shared parts of Conv2d and Linear: Powerprop weight ``v``, optional bias, and
     the sparse machinery.
@@ -153,24 +172,40 @@ class _Weighted(Layer):
             g["bias"] = self.grad_bias
         return g
 
-    def _forward_weight(self):
-        """(w, dw/dv, CSR of w or None) for this forward pass."""
-        w, dw_dv = powerprop.effective_weight(self.weight, self.alpha)
+    def _forward_weight(self, backward: bool):
+        """(w or None, dw/dv or None, CSR of w or None) for this forward pass.
+
+        On the CSR path the CSR is built straight from v (kernels/csr.py,
+        ``csr_of_weight``) and the dense w is formed only when a backward needs
+        dw/dv; inference of a sparse model never touches the dense weights.
+        """
+        if self.kernel not in KERNELS:
+            raise ConfigError(f"{self!r}.kernel: expected one of {KERNELS}, "
+                              f"got {self.kernel!r}")
+        v = self.weight
         keep = self.weight_keep
-        if keep is not None and keep < 1.0:
+        if keep is not None and keep < 1.0:  # SWAT forward weights: top |w| only
+            w, dw_dv = powerprop.effective_weight(v, self.alpha)
             mag = np.abs(w).ravel()
             k = max(1, round(keep * mag.size))
             if k < mag.size:
                 mask = np.zeros(mag.size, dtype=np.float32)
                 mask[np.argpartition(mag, mag.size - k)[mag.size - k:]] = 1.0
                 w = w * mask.reshape(w.shape)
-        if self.kernel not in KERNELS:
-            raise ConfigError(f"{self!r}.kernel: expected one of {KERNELS}, "
-                              f"got {self.kernel!r}")
-        use_csr = self.kernel == "csr"
-        if self.kernel == "auto":
-            use_csr = csr.prefer_csr(np.count_nonzero(w) / w.size, self._kind)
-        return w, dw_dv, (to_csr(w) if use_csr else None)
+            use_csr = self.kernel == "csr" or (
+                self.kernel == "auto" and csr.prefer_csr(k / mag.size, self._kind))
+            return w, dw_dv, (_CSR(*_csr_arrays(w)) if use_csr else None)
+        use_csr = self.kernel == "csr" or (
+            self.kernel == "auto"
+            and csr.prefer_csr(np.count_nonzero(v) / v.size, self._kind))
+        if not use_csr:
+            w, dw_dv = powerprop.effective_weight(v, self.alpha)
+            return w, dw_dv, None
+        m = _CSR(*csr.csr_of_weight(v, self.alpha))
+        w = dw_dv = None
+        if backward and self.alpha != 1.0:
+            dw_dv = powerprop.effective_weight(v, self.alpha)[1]
+        return w, dw_dv, m
 
     def _keep_input(self, x: np.ndarray, train, grad) -> object:
         """The input as backward will see it: dense, compressed top-k, or nothing."""
@@ -184,14 +219,14 @@ class _Weighted(Layer):
         return act
 
     def _record_forward(self, x, y, w, dw_dv, m, act):
-        dense = int(y.size) * int(w[0].size)
+        dense = int(y.size) * int(self.weight[0].size)
         self.cost.dense_macs_forward = dense
         if m is None:
             self.cost.macs_forward = dense
         elif y.ndim == 4:  # the valid taps of the nonzeros (kernels/csr.py)
             self.cost.macs_forward = csr.csr_conv2d_macs(
-                m.indices, m.indptr, w.shape, x.shape, self.stride, self.padding,
-                x.shape[0])
+                m.indices, m.indptr, self.weight.shape, x.shape, self.stride,
+                self.padding, x.shape[0])
         else:
             self.cost.macs_forward = x.shape[0] * m.nnz
         self.cost.kernel = "dense" if m is None else "csr"
@@ -242,11 +277,12 @@ class Conv2d(_Weighted):
         if x.shape[2] + 2 * p < k or x.shape[3] + 2 * p < k:
             raise ShapeError(f"{what}: expected an image of at least {k - 2 * p}x"
                              f"{k - 2 * p} pixels, got {x.shape[2]}x{x.shape[3]}")
-        w, dw_dv, m = self._forward_weight()
+        w, dw_dv, m = self._forward_weight(keeps_cache(train, grad))
+        kshape = self.weight.shape
         if m is None:
             y = conv.conv2d_forward(x, w, s, p)
         else:
-            y = csr.csr_conv2d_forward(x, m.data, m.indices, m.indptr, w.shape, s, p)
+            y = csr.csr_conv2d_forward(x, m.data, m.indices, m.indptr, kshape, s, p)
         if self.bias is not None:
             y += self.bias[None, :, None, None]
         self._record_forward(x, y, w, dw_dv, m, self._keep_input(x, train, grad))
@@ -263,16 +299,17 @@ class Conv2d(_Weighted):
             raise ShapeError(f"{self!r}.backward: expected grad_out of shape "
                              f"{(n, self.out_channels, oh, ow)}, got {tuple(g.shape)}")
         cost = self.cost
-        dense_macs = g.size * w[0].size
+        kshape = self.weight.shape
+        dense_macs = g.size * self.weight[0].size
         cost.dense_macs_grad_weight = cost.dense_macs_grad_input = dense_macs
         if isinstance(act, SparseActivations) and activation.prefer_sparse_grad(
                 act.kept / max(act.size, 1), k):
             grad_w, cost.macs_grad_weight = activation.conv2d_grad_weight_sparse_count(
-                act.indices(), act.values, shape, g, w.shape, s, p)
+                act.indices(), act.values, shape, g, kshape, s, p)
         else:
             if isinstance(act, SparseActivations):  # many kept: the dense kernel is faster
                 act = act.to_dense()
-            grad_w = conv.conv2d_grad_weight(act, g, w.shape, s, p)
+            grad_w = conv.conv2d_grad_weight(act, g, kshape, s, p)
             cost.macs_grad_weight = dense_macs
         self._accumulate_weight_grad(grad_w, dw_dv)
         if self.bias is not None:
@@ -281,7 +318,7 @@ class Conv2d(_Weighted):
             cost.macs_grad_input = dense_macs
             return conv.conv2d_grad_input(g, w, shape, s, p)
         cost.macs_grad_input = cost.macs_forward  # the same valid taps, transposed
-        return csr.csr_conv2d_grad_input(g, m.data, m.indices, m.indptr, w.shape, shape,
+        return csr.csr_conv2d_grad_input(g, m.data, m.indices, m.indptr, kshape, shape,
                                          s, p)
 
     def __repr__(self):
@@ -314,7 +351,7 @@ class Linear(_Weighted):
             hint = "; flatten first" if x.ndim > 2 else ""
             raise ShapeError(f"{self!r}.forward: expected x of shape "
                              f"(N, {self.in_features}), got {tuple(x.shape)}{hint}")
-        w, dw_dv, m = self._forward_weight()
+        w, dw_dv, m = self._forward_weight(keeps_cache(train, grad))
         if m is None:
             y = x @ w.T
         else:

@@ -8,7 +8,8 @@ import sys
 
 from sparsefedpp.runtime.errors import SparseFedError
 
-COMMANDS = ("train", "evaluate", "simulate", "report", "bench", "bench-sparse", "cost")
+COMMANDS = ("train", "evaluate", "simulate", "report", "bench", "bench-sparse", "cost",
+            "export", "predict")
 
 
 def build_parser() -> argparse.ArgumentParser:

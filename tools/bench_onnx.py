@@ -1,0 +1,116 @@
+"""Benchmark ONNX export: file sizes and inference latency, engine against onnxruntime.
+
+Usage:  nice python tools/bench_onnx.py [--models resnet8,resnet18] [--threads 2]
+            [--reps 5] [--sparsity 0.99] [--scope global|layer] [--skip-sizes]
+            [--skip-latency]
+
+Sizes: the serialised ONNX model with dense initializers against sparse ones
+(tools/onnx_export.py) at 0.9 / 0.99 / 0.999 global magnitude sparsity of a fresh
+Powerprop (alpha 1.25) model.
+
+Latency: one eval forward of a 32x32 RGB batch (1 and 32 images) at ``--sparsity``:
+the engine with every conv/linear on its dense kernels, on its CSR kernels, and
+onnxruntime on the dense-initializer file (intra-op threads = ``--threads``,
+inter-op 1, no spinning), plus onnxruntime on the sparse-initializer file (it
+densifies them at load, so this should equal the dense file). Medians of
+``--reps`` calls after one warm-up. Prints markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from functools import partial
+
+import numba
+import numpy as np
+from sparsefedpp.runtime import pruning
+from sparsefedpp.runtime.models import build
+from sparsefedpp.tools.cmd_predict import ort_session
+from sparsefedpp.tools.onnx_export import build_onnx
+
+SPARSITIES = (0.9, 0.99, 0.999)
+
+
+def _model(name: str, sparsity: float, scope: str):
+    model = build(name, alpha=1.25, seed=0)
+    if sparsity:
+        pruning.prune(model, sparsity, scope=scope)
+    return model
+
+
+def _median_ms(fn, reps: int) -> float:
+    fn()  # warm-up: Numba compile or cache load, onnxruntime allocations
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times) * 1e3)
+
+
+def sizes(names: list[str]) -> list[str]:
+    rows = [("| model | sparsity | dense init (MB) | sparse init (MB) | ratio | "
+             "sparse tensors | left dense |"), "|---|---|---|---|---|---|---|"]
+    for name in names:
+        for s in SPARSITIES:
+            model = _model(name, s, "global")
+            dense = len(build_onnx(model)[0].SerializeToString())
+            proto, report = build_onnx(model, sparse_initializers=True)
+            sparse = len(proto.SerializeToString())
+            rows.append(f"| {name} | {s} | {dense / 1e6:.3f} | {sparse / 1e6:.3f} | "
+                        f"{dense / sparse:.1f}x | {len(report.sparse)} | "
+                        f"{len(report.dense_fallback)} |")
+    return rows
+
+
+def latency(names: list[str], sparsity: float, scope: str, threads: int,
+            reps: int) -> list[str]:
+    numba.set_num_threads(threads)
+    rows = [("| model | batch | engine dense (ms) | engine CSR (ms) | onnxruntime dense "
+             "(ms) | onnxruntime sparse-init (ms) | CSR / ort dense |"),
+            "|---|---|---|---|---|---|---|"]
+    for name in names:
+        model = _model(name, sparsity, scope)
+        dense = ort_session(build_onnx(model)[0].SerializeToString(), threads)
+        sparse = ort_session(build_onnx(model, sparse_initializers=True)[0]
+                             .SerializeToString(), threads)
+        layers = pruning.prunable_layers(model).values()
+        for batch in (1, 32):
+            x = np.random.default_rng(batch).standard_normal(
+                (batch, 3, 32, 32)).astype(np.float32)
+            ms = {}
+            for kernel in ("dense", "csr"):
+                for layer in layers:
+                    layer.kernel = kernel
+                ms[kernel] = _median_ms(partial(model.forward, x, train=False), reps)
+            ms["ort"] = _median_ms(partial(dense.run, None, {"input": x}), reps)
+            ms["ort_sparse"] = _median_ms(partial(sparse.run, None, {"input": x}), reps)
+            rows.append(f"| {name} {sparsity} ({scope}) | {batch} | {ms['dense']:.1f} | "
+                        f"{ms['csr']:.1f} | {ms['ort']:.1f} | {ms['ort_sparse']:.1f} | "
+                        f"{ms['csr'] / ms['ort']:.2f} |")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="resnet8,resnet18")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--sparsity", type=float, default=0.99)
+    p.add_argument("--scope", default="global", choices=pruning.SCOPES)
+    p.add_argument("--skip-sizes", action="store_true")
+    p.add_argument("--skip-latency", action="store_true")
+    args = p.parse_args(argv)
+    names = args.models.split(",")
+    if not args.skip_sizes:
+        print("\n".join(sizes(names)), flush=True)
+        print()
+    if not args.skip_latency:
+        print("\n".join(latency(names, args.sparsity, args.scope, args.threads,
+                                args.reps)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
