@@ -23,6 +23,13 @@ FORMAT = "sparsefedpp-checkpoint"
 VERSION = 1
 
 
+def file_mode() -> int:
+    """0666 minus the process umask: the mode open() would have given the file."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def save(path, model, optimizer=None, meta: dict | None = None) -> Path:
     """Write ``model`` (and optionally ``optimizer``) to ``path`` atomically.
 
@@ -49,6 +56,7 @@ def save(path, model, optimizer=None, meta: dict | None = None) -> Path:
             np.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, file_mode())  # mkstemp makes 0600; a checkpoint is a normal file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -68,6 +68,7 @@ def _write_atomic(path: Path, blob: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(blob)
+        os.chmod(tmp, checkpoint.file_mode())  # mkstemp makes 0600; the model is a normal file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

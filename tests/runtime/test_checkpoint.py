@@ -220,3 +220,15 @@ def test_failed_load_leaves_the_model_untouched(tmp_path):
         ckpt.load(path, model)
     # Assert
     assert_same_state(model.state_dict(), before)
+
+
+def test_saved_file_gets_the_umask_mode_not_mkstemps_0600(tmp_path):
+    import os
+
+    from sparsefedpp.runtime import checkpoint as ck
+    from sparsefedpp.runtime import models as zoo
+
+    path = ck.save(tmp_path / "m.npz", zoo.build("cnn", width=0.25, seed=0))
+    mask = os.umask(0)
+    os.umask(mask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~mask
