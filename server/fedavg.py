@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 from sparsefedpp.runtime.errors import ConfigError, DTypeError, ShapeError
-from sparsefedpp.runtime.pruning import nonzeros, prune
+from sparsefedpp.runtime.pruning import SCOPES, nonzeros, prune
 
 from .aggregate import Accumulator
 from .strategy import ClientInstruction, ClientResult, Strategy
@@ -100,9 +100,11 @@ class FedAvg(Strategy):
         ``round_config(rnd) -> dict`` merged into every instruction's config
         after ``{"round": rnd}`` (e.g. that round's learning rate).
     prune_to : float, optional
-        After aggregation, magnitude-prune all conv/linear weights together
-        (global scope) to this sparsity in [0, 1), so the downlink model is
-        sparse. BatchNorm tensors and biases are not pruned. Needs ``prune_model``.
+        After aggregation, magnitude-prune the conv/linear weights to this sparsity
+        in [0, 1), so the downlink model is sparse: all together (``prune_scope``
+        "global", SparseFedPP and Top-k) or each layer on its own ("layer",
+        ZeroFL's per-layer top-k). BatchNorm tensors and biases are not pruned.
+        Needs ``prune_model``.
     prune_model : runtime Model, optional
         Scratch model of the clients' architecture, used for pruning via
         ``load_state_dict``/``state_dict`` and ``runtime.pruning.prune``; its
@@ -127,7 +129,8 @@ class FedAvg(Strategy):
 
     def __init__(self, *, per_round: int, min_clients: int = 1, seed: int = 0,
                  round_config: Callable[[int], dict] | None = None,
-                 prune_to: float | None = None, prune_model=None,
+                 prune_to: float | None = None, prune_scope: str = "global",
+                 prune_model=None,
                  evaluate_fn: Callable[[Tensors], dict] | None = None,
                  eval_sparsities: tuple = ()) -> None:
         self.per_round = _check_int(per_round, "per_round", 1)
@@ -142,6 +145,10 @@ class FedAvg(Strategy):
         self.evaluate_fn = evaluate_fn
         self.prune_to = (None if prune_to is None
                          else _check_fraction(prune_to, "prune_to", allow_one=False))
+        if prune_scope not in SCOPES:
+            raise ConfigError(f"FedAvg prune_scope: expected one of {SCOPES}, got "
+                              f"{prune_scope!r}")
+        self.prune_scope = prune_scope
         self.eval_sparsities = tuple(
             _check_fraction(s, "eval_sparsities", allow_one=True)
             for s in eval_sparsities)
@@ -234,18 +241,19 @@ class FedAvg(Strategy):
             return None
         tensors = acc.result()
         if self.prune_to is not None:
-            tensors, _ = self._pruned(tensors, self.prune_to)
+            tensors, _ = self._pruned(tensors, self.prune_to, self.prune_scope)
         self.last_round = {"round": rnd, "num_results": len(added),
                            "num_failures": len(failed),
                            "num_examples": acc.total_weight, "failures": failed,
                            "fit_metrics": _fit_metrics(added), "aggregated": True}
         return tensors
 
-    def _pruned(self, tensors: Tensors, sparsity: float) -> tuple[Tensors, dict]:
-        """A copy of ``tensors`` globally magnitude-pruned to ``sparsity``, and the
-        nonzero count per conv/linear layer."""
+    def _pruned(self, tensors: Tensors, sparsity: float,
+                scope: str = "global") -> tuple[Tensors, dict]:
+        """A copy of ``tensors`` magnitude-pruned to ``sparsity`` (global or per-layer
+        scope), and the nonzero count per conv/linear layer."""
         self.prune_model.load_state_dict(tensors)
-        counts = prune(self.prune_model, sparsity, "global")
+        counts = prune(self.prune_model, sparsity, scope)
         state = self.prune_model.state_dict()
         return {name: state[name] for name in tensors}, counts
 

@@ -202,6 +202,7 @@ class Simulation:
         prune_to = c.method_config.sparsity if c.method != "fedavg" else None
         self.strategy = FedAvg(per_round=c.per_round, min_clients=c.min_clients,
                                seed=c.seed, prune_to=prune_to or None,
+                               prune_scope=c.method_config.prune_scope,
                                prune_model=self.eval_model,
                                evaluate_fn=self.evaluate_tensors,
                                eval_sparsities=tuple(c.eval_sparsities))

@@ -10,7 +10,7 @@ and round"):
   once per round; after training, one global magnitude pruning to the target.
 * ``zerofl``: SWAT layers with a fixed sparsity s for weights and activations
   (first layer dense, thresholds refreshed every ``swat_refresh`` batches); the
-  upload keeps the top 1 - s + mask_ratio of the weights.
+  upload keeps the top 1 - s + mask_ratio of each layer's weights.
 * ``topk``: plain layers, dense local training, global magnitude pruning after.
 * ``fedavg``: dense everything.
 """
@@ -59,6 +59,12 @@ class MethodConfig:
                               f"{self.mask_ratio!r}")
 
     @property
+    def prune_scope(self) -> str:
+        """ZeroFL's top-k is per layer (SWAT-U: the same sparsity in every layer);
+        SparseFedPP and Top-k prune globally over all conv/linear weights."""
+        return "layer" if self.method == "zerofl" else "global"
+
+    @property
     def upload_sparsity(self) -> float:
         """Sparsity of the uploaded weights (ZeroFL uploads mask_ratio more)."""
         if self.method == "zerofl":
@@ -103,7 +109,7 @@ def finish(model, method: MethodConfig) -> dict[str, int]:
     """Post-training pruning of the upload; returns nonzeros per layer."""
     s = method.upload_sparsity
     if method.method != "fedavg" and s > 0:
-        return pruning.prune(model, s, "global")
+        return pruning.prune(model, s, method.prune_scope)
     return pruning.nonzeros(model)
 
 

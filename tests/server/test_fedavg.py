@@ -171,6 +171,18 @@ def test_prune_to_gives_the_global_sparsity_on_the_aggregate(client_states, mode
             np.testing.assert_array_equal(got[name], dense[name])
 
 
+def test_prune_scope_layer_prunes_every_layer_on_its_own(client_states, model,
+                                                         prunable):
+    strategy = FedAvg(per_round=3, prune_to=0.9, prune_scope="layer", prune_model=model)
+
+    got = strategy.aggregate(0, _results(client_states), [])
+
+    for name in prunable:  # ZeroFL's per-layer top-k: no layer is emptied
+        assert np.count_nonzero(got[name]) == round(0.1 * got[name].size), name
+    with pytest.raises(ConfigError, match="prune_scope"):
+        FedAvg(per_round=3, prune_to=0.9, prune_scope="channel", prune_model=model)
+
+
 # -------------------------------------------------------------------- evaluation
 def test_evaluate_without_evaluate_fn_is_none(client_states):
     assert FedAvg(per_round=1).evaluate(0, client_states[0]) is None
