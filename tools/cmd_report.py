@@ -93,11 +93,15 @@ def plots(runs: list[dict], rows: list[dict], folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     made = []
     fig, ax = plt.subplots(figsize=(6, 4))
+    # the sparsity levels evenly spaced (90, 95, 99, 99.9 crowd a linear axis)
+    levels = sorted({r["sparsity"] for r in rows})
     for method in sorted({r["method"] for r in rows}):
         pts = sorted((r["sparsity"], r["accuracy"]) for r in rows
                      if r["method"] == method and r["accuracy"] is not None)
         if pts:
-            ax.plot([100 * s for s, _ in pts], [a for _, a in pts], "o-", label=method)
+            ax.plot([levels.index(s) for s, _ in pts], [a for _, a in pts], "o-",
+                    label=method)
+    ax.set_xticks(range(len(levels)), [f"{100 * s:g}" for s in levels])
     ax.set_xlabel("sparsity (%)")
     ax.set_ylabel("test accuracy")
     ax.set_title("accuracy vs sparsity")
