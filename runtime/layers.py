@@ -195,13 +195,15 @@ class _Weighted(Layer):
             use_csr = self.kernel == "csr" or (
                 self.kernel == "auto" and csr.prefer_csr(k / mag.size, self._kind))
             return w, dw_dv, (_CSR(*_csr_arrays(w)) if use_csr else None)
-        use_csr = self.kernel == "csr" or (
-            self.kernel == "auto"
-            and csr.prefer_csr(np.count_nonzero(v) / v.size, self._kind))
+        counts = None
+        use_csr = self.kernel == "csr"
+        if self.kernel == "auto":
+            counts = csr.weight_row_nnz(v)
+            use_csr = csr.prefer_csr(int(counts.sum()) / v.size, self._kind)
         if not use_csr:
             w, dw_dv = powerprop.effective_weight(v, self.alpha)
             return w, dw_dv, None
-        m = _CSR(*csr.csr_of_weight(v, self.alpha))
+        m = _CSR(*csr.csr_of_weight(v, self.alpha, counts))
         w = dw_dv = None
         if backward and self.alpha != 1.0:
             dw_dv = powerprop.effective_weight(v, self.alpha)[1]

@@ -372,3 +372,26 @@ def test_prefer_csr_is_a_density_threshold():
         csr.prefer_csr(0.5, "pool")
     with pytest.raises(ConfigError, match="density in \\[0, 1\\]"):
         csr.prefer_csr(1.5, "conv")
+
+
+@pytest.mark.parametrize("alpha", [1.0, 1.25, 1.5, 2.0, 3.0])
+@pytest.mark.parametrize("density", [0.0, 0.01, 0.3, 1.0])
+def test_csr_of_weight_equals_to_csr_of_the_effective_weight(alpha, density):
+    from sparsefedpp.runtime import powerprop
+    from sparsefedpp.runtime.kernels.csr import csr_of_weight, weight_row_nnz
+    from sparsefedpp.runtime.sparse import to_csr
+
+    rng = np.random.default_rng(int(alpha * 100 + density * 10))
+    v = rng.standard_normal((12, 5, 3, 3)).astype(np.float32)
+    v[rng.random(v.shape) >= density] = 0.0
+    v[3] = 0.0  # an empty row
+    ref = to_csr(powerprop.effective_weight(v, alpha)[0])
+    counts = weight_row_nnz(v)
+    np.testing.assert_array_equal(counts, np.count_nonzero(v.reshape(12, -1), axis=1))
+    for got in (csr_of_weight(v, alpha), csr_of_weight(v, alpha, counts)):
+        data, indices, indptr = got
+        np.testing.assert_array_equal(indptr, ref.indptr)
+        np.testing.assert_array_equal(indices, ref.indices)
+        np.testing.assert_allclose(data, ref.data, rtol=1e-6)  # general p: powf vs npy
+        if alpha in (1.0, 1.25, 1.5):
+            np.testing.assert_array_equal(data, ref.data)  # same sqrt path: bit-exact
