@@ -19,9 +19,9 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
+from sparsefedpp.tools.timing import time_ms
 
 # (C, H, O, k, stride, pad) at batch N, square H x H inputs
 R8 = [(3, 32, 16, 3, 1, 1), (16, 32, 16, 3, 1, 1), (16, 32, 32, 3, 2, 1),
@@ -31,17 +31,6 @@ R18 = [(64, 32, 64, 3, 1, 1), (64, 32, 128, 3, 2, 1), (128, 16, 128, 3, 1, 1),
        (128, 16, 256, 3, 2, 1), (256, 8, 256, 3, 1, 1), (256, 8, 512, 3, 2, 1),
        (512, 4, 512, 3, 1, 1)]
 SETS = {"r8": R8, "r18": R18, "all": R8 + R18}
-
-
-def _median_ms(fn, reps: int) -> float:
-    fn()
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times) * 1e3)
 
 
 def _inputs(shape, batch, rng):
@@ -70,7 +59,7 @@ def bench_ours(shapes, batch, reps):
             conv.conv2d_grad_weight(x, g, w.shape, s, p)
             conv.conv2d_grad_input(g, w, x.shape, s, p)
 
-        out.append((_median_ms(fwd, reps), _median_ms(fwd_bwd, reps)))
+        out.append((time_ms(fwd, reps, warmup=2), time_ms(fwd_bwd, reps, warmup=2)))
     return out
 
 
@@ -94,7 +83,7 @@ def bench_torch(shapes, batch, reps, threads):
             y = torch.nn.functional.conv2d(x, w, stride=s, padding=p)
             y.backward(g)
 
-        out.append((_median_ms(fwd, reps), _median_ms(fwd_bwd, reps)))
+        out.append((time_ms(fwd, reps, warmup=2), time_ms(fwd_bwd, reps, warmup=2)))
     return out
 
 

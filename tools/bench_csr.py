@@ -21,9 +21,9 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
-import time
 
 import numpy as np
+from sparsefedpp.tools.timing import time_ms
 
 # conv: (C, H, O, k, stride, pad) on square H x H inputs; linear: (in, out)
 R8 = [(16, 32, 16, 3, 1, 1), (16, 32, 32, 3, 2, 1), (32, 16, 32, 3, 1, 1),
@@ -37,17 +37,6 @@ LOW_DENSITIES = "0.05,0.02,0.01,0.005,0.002,0.001"
 
 
 STAT = {"median": np.median, "min": np.min}
-
-
-def _time_ms(fn, reps: int, stat: str = "median") -> float:
-    """``stat`` (median or min) of ``reps`` calls after one warm-up call, in ms."""
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(STAT[stat](times) * 1e3)
 
 
 def _sparse_weight(shape, density, rng):
@@ -113,11 +102,11 @@ def bench_shape(shape, batch, reps, densities, rng, stat="median", path="auto"):
 
     make = _conv_calls if len(shape) == 6 else _linear_calls
     dense_f, dense_g, csr_f, csr_g, wshape = make(shape, batch, rng, path)
-    df, dg = _time_ms(dense_f, reps, stat), _time_ms(dense_g, reps, stat)
+    df, dg = time_ms(dense_f, reps, stat=STAT[stat]), time_ms(dense_g, reps, stat=STAT[stat])
     rows = []
     for d in densities:
         m = to_csr(_sparse_weight(wshape, d, rng))
-        cf, cg = _time_ms(csr_f(m), reps, stat), _time_ms(csr_g(m), reps, stat)
+        cf, cg = time_ms(csr_f(m), reps, stat=STAT[stat]), time_ms(csr_g(m), reps, stat=STAT[stat])
         rows.append((d, m.nnz, cf, cg, (df + dg) / (cf + cg)))
     return df, dg, rows
 

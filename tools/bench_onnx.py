@@ -19,7 +19,6 @@ densifies them at load, so this should equal the dense file). Medians of
 from __future__ import annotations
 
 import argparse
-import time
 from functools import partial
 
 import numba
@@ -28,6 +27,7 @@ from sparsefedpp.runtime import pruning
 from sparsefedpp.runtime.models import build
 from sparsefedpp.tools.cmd_predict import ort_session
 from sparsefedpp.tools.onnx_export import build_onnx
+from sparsefedpp.tools.timing import time_ms
 
 SPARSITIES = (0.9, 0.99, 0.999)
 
@@ -37,16 +37,6 @@ def _model(name: str, sparsity: float, scope: str):
     if sparsity:
         pruning.prune(model, sparsity, scope=scope)
     return model
-
-
-def _median_ms(fn, reps: int) -> float:
-    fn()  # warm-up: Numba compile or cache load, onnxruntime allocations
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times) * 1e3)
 
 
 def sizes(names: list[str]) -> list[str]:
@@ -83,9 +73,9 @@ def latency(names: list[str], sparsity: float, scope: str, threads: int,
             for kernel in ("dense", "csr"):
                 for layer in layers:
                     layer.kernel = kernel
-                ms[kernel] = _median_ms(partial(model.forward, x, train=False), reps)
-            ms["ort"] = _median_ms(partial(dense.run, None, {"input": x}), reps)
-            ms["ort_sparse"] = _median_ms(partial(sparse.run, None, {"input": x}), reps)
+                ms[kernel] = time_ms(partial(model.forward, x, train=False), reps)
+            ms["ort"] = time_ms(partial(dense.run, None, {"input": x}), reps)
+            ms["ort_sparse"] = time_ms(partial(sparse.run, None, {"input": x}), reps)
             rows.append(f"| {name} {sparsity} ({scope}) | {batch} | {ms['dense']:.1f} | "
                         f"{ms['csr']:.1f} | {ms['ort']:.1f} | {ms['ort_sparse']:.1f} | "
                         f"{ms['csr'] / ms['ort']:.2f} |")

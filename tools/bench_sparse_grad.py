@@ -21,26 +21,15 @@ Every time is the median of ``--reps`` calls after two warm-up calls, in ms.
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
+from sparsefedpp.tools.timing import time_ms
 
 # (C, H, O, k, stride, pad) at batch N, square H x H inputs
 R8 = [(16, 32, 16, 3, 1, 1), (16, 32, 32, 3, 2, 1), (32, 16, 32, 3, 1, 1),
       (32, 16, 64, 3, 2, 1), (64, 8, 64, 3, 1, 1), (16, 32, 32, 1, 2, 0),
       (32, 16, 64, 1, 2, 0)]
 KEEPS = (1.0, 0.5, 0.1, 0.05, 0.01, 0.001)
-
-
-def _median_ms(fn, reps: int) -> float:
-    fn()
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times) * 1e3)
 
 
 def bench_shape(shape, batch: int, keeps, reps: int, rng) -> list[str]:
@@ -57,23 +46,23 @@ def bench_shape(shape, batch: int, keeps, reps: int, rng) -> list[str]:
     w = (rng.standard_normal((o, c, k, k)) * 0.1).astype(np.float32)
     g = rng.standard_normal((batch, o, oh, oh)).astype(np.float32)
     kshape = w.shape
-    fwd = _median_ms(lambda: conv.conv2d_forward(x, w, s, p), reps)
-    dense = _median_ms(lambda: conv.conv2d_grad_weight(x, g, kshape, s, p), reps)
+    fwd = time_ms(lambda: conv.conv2d_forward(x, w, s, p), reps, warmup=2)
+    dense = time_ms(lambda: conv.conv2d_grad_weight(x, g, kshape, s, p), reps, warmup=2)
     name = f"{c}@{h}->{o} k{k} s{s}"
-    refresh = _median_ms(lambda: topk_threshold(x, 0.1), reps)
+    refresh = time_ms(lambda: topk_threshold(x, 0.1), reps, warmup=2)
     head = (f"{name:<18} fwd {fwd:6.2f}  dense gw {dense:6.2f}  "
             f"refresh(topk) {refresh:5.2f}")
     rows = [head]
     for keep in keeps:
         sparsifier = ActivationSparsifier(keep)
         act = sparsifier(x)  # the refresh call; the timed calls reuse the threshold
-        t_comp = _median_ms(lambda sp=sparsifier: sp(x), reps)
+        t_comp = time_ms(lambda sp=sparsifier: sp(x), reps, warmup=2)
 
         def grad(a=act):
             activation.conv2d_grad_weight_sparse(a.indices(), a.values, x.shape, g,
                                                  kshape, s, p)
 
-        t_grad = _median_ms(grad, reps)
+        t_grad = time_ms(grad, reps, warmup=2)
         macs = activation.conv2d_grad_weight_sparse_macs(act.indices(), x.shape,
                                                          g.shape, kshape, s, p)
         dense_macs = g.size * c * k * k
