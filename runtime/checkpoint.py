@@ -12,7 +12,9 @@ import os
 import tempfile
 import zipfile
 import zlib
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -28,6 +30,27 @@ def file_mode() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return 0o666 & ~mask
+
+
+def write_atomic(path, write: Callable[[BinaryIO], object]) -> Path:
+    """Call ``write(file)`` on a temporary file beside ``path``, sync it, give it the
+    umask mode (mkstemp makes 0600) and rename it over ``path``: a crash never
+    leaves a half-written file under the real name. Used for checkpoints and
+    ONNX exports."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
 
 def save(path, model, optimizer=None, meta: dict | None = None) -> Path:
@@ -49,19 +72,7 @@ def save(path, model, optimizer=None, meta: dict | None = None) -> Path:
         raise CheckpointError(f"checkpoint meta: expected JSON-serialisable values, "
                               f"got {err}") from None
     arrays["meta"] = np.frombuffer(blob, dtype=np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, file_mode())  # mkstemp makes 0600; a checkpoint is a normal file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, lambda f: np.savez(f, **arrays))
 
 
 def read(path) -> tuple[dict, dict, dict]:

@@ -19,7 +19,6 @@ from .accounting import LayerCost, nbytes_of
 from .arrays import as_f32, check_ndim
 from .errors import ConfigError, ShapeError, StateError
 from .kernels import activation, conv, csr
-from .sparse import to_csr
 from .sparse_activation import ActivationSparsifier, SparseActivations
 
 
@@ -98,10 +97,6 @@ class _CSR(NamedTuple):
     def nnz(self) -> int:
         return int(self.data.size)
 
-
-def _csr_arrays(w: np.ndarray):
-    m = to_csr(w)
-    return m.data, m.indices, m.indptr
 
 
 class _Weighted(Layer):
@@ -194,7 +189,7 @@ class _Weighted(Layer):
                 w = w * mask.reshape(w.shape)
             use_csr = self.kernel == "csr" or (
                 self.kernel == "auto" and csr.prefer_csr(k / mag.size, self._kind))
-            return w, dw_dv, (_CSR(*_csr_arrays(w)) if use_csr else None)
+            return w, dw_dv, (_CSR(*csr.csr_of_weight(w)) if use_csr else None)
         counts = None
         use_csr = self.kernel == "csr"
         if self.kernel == "auto":

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from sparsefedpp.runtime import checkpoint
@@ -62,19 +60,6 @@ def _onnxruntime_refuses(blob: bytes) -> str | None:
     return None
 
 
-def _write_atomic(path: Path, blob: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-        os.chmod(tmp, checkpoint.file_mode())  # mkstemp makes 0600; the model is a normal file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def export(model, meta: dict, out, *, opset: int = DEFAULT_OPSET,
            sparse_initializers: bool = False, fold_bn: bool = False) -> dict:
     """Build, check and write the ONNX file; returns a summary with "notes".
@@ -107,7 +92,7 @@ def export(model, meta: dict, out, *, opset: int = DEFAULT_OPSET,
                          "runs dense")
     onnx_export.check(proto)
     out = Path(out)
-    _write_atomic(out, blob)
+    checkpoint.write_atomic(out, lambda f: f.write(blob))
     return {"onnx": str(out), "bytes": len(blob), "opset": opset,
             "nodes": len(proto.graph.node), "sparse_initializers": len(report.sparse),
             "dense_initializers": len(proto.graph.initializer),

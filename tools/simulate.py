@@ -192,13 +192,10 @@ class Simulation:
                                                                seed=c.seed)
         self.parts = parts
         self.skew = partition.label_skew(parts, train.labels, len(train.classes))
-        self.model = models.build(c.model, num_classes=len(train.classes), width=c.width,
-                                  alpha=c.model_alpha, in_channels=train.images.shape[1],
-                                  seed=c.seed)
         self.eval_model = models.build(c.model, num_classes=len(train.classes),
                                        width=c.width, alpha=c.model_alpha,
                                        in_channels=train.images.shape[1], seed=c.seed)
-        self.global_tensors = self.model.state_dict()
+        self.global_tensors = {k: v.copy() for k, v in self.eval_model.state_dict().items()}
         prune_to = c.method_config.sparsity if c.method != "fedavg" else None
         self.strategy = FedAvg(per_round=c.per_round, min_clients=c.min_clients,
                                seed=c.seed, prune_to=prune_to or None,
