@@ -9,7 +9,7 @@ import sys
 from sparsefedpp.runtime.errors import SparseFedError
 
 COMMANDS = ("train", "evaluate", "simulate", "report", "bench", "bench-sparse", "cost",
-            "export", "predict")
+            "export", "predict", "partition", "serve", "client")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from sparsefedpp.runtime import codec, models, pruning
 from sparsefedpp.runtime.errors import ConfigError
+from sparsefedpp.runtime.protocol import client_seed
 from sparsefedpp.server.fedavg import FedAvg
 from sparsefedpp.server.strategy import ClientResult
 from sparsefedpp.trainer import partition
@@ -157,7 +158,7 @@ def client_task(client: int, rnd: int, lr: float, model_bytes: bytes) -> bytes:
     model.load_state_dict(msg.tensors)
     data = _WORKER["train"].subset(_WORKER["parts"][client])
     update = local_round(model, data, config.method_config, config.local_config, lr=lr,
-                         seed=config.seed * 1_000_003 + rnd * 1009 + client)
+                         seed=client_seed(config.seed, rnd, str(client)))
     reply = codec.Message(kind="update", round=rnd, sender=f"client-{client}",
                           method=config.method, tensors=update.tensors,
                           num_examples=update.num_examples, meta=update.metrics)
@@ -182,27 +183,15 @@ class Simulation:
             raise ConfigError(f"simulate clients: expected at most {len(train)} (one "
                               f"example each), got {c.clients}")
         self.train, self.test = train, test
-        if c.lda_alpha is None:
-            parts = partition.iid(train.labels, c.clients, seed=c.seed)
-        else:
-            parts = partition.dirichlet(train.labels, c.clients, c.lda_alpha, seed=c.seed)
+        parts = client_parts(train, c.clients, c.lda_alpha, seed=c.seed)
         self.val_parts = None
         if c.val_share > 0:
             parts, self.val_parts = partition.split_validation(parts, c.val_share,
                                                                seed=c.seed)
         self.parts = parts
         self.skew = partition.label_skew(parts, train.labels, len(train.classes))
-        self.eval_model = models.build(c.model, num_classes=len(train.classes),
-                                       width=c.width, alpha=c.model_alpha,
-                                       in_channels=train.images.shape[1], seed=c.seed)
+        self.eval_model, self.strategy = server_side(c, test, self.evaluate_tensors)
         self.global_tensors = {k: v.copy() for k, v in self.eval_model.state_dict().items()}
-        prune_to = c.method_config.sparsity if c.method != "fedavg" else None
-        self.strategy = FedAvg(per_round=c.per_round, min_clients=c.min_clients,
-                               seed=c.seed, prune_to=prune_to or None,
-                               prune_scope=c.method_config.prune_scope,
-                               prune_model=self.eval_model,
-                               evaluate_fn=self.evaluate_tensors,
-                               eval_sparsities=tuple(c.eval_sparsities))
         self.client_ids = [str(i) for i in range(c.clients)]
         self._pool = None
         if c.workers > 1:
@@ -268,6 +257,44 @@ class Simulation:
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
+
+
+def client_parts(train: Dataset, clients: int, lda_alpha: float | None, *,
+                 seed: int) -> list[np.ndarray]:
+    """Example indices of each client: IID (``lda_alpha`` None) or Dirichlet label
+    skew; the same split for the simulation and ``sparsefedpp partition``."""
+    if clients > len(train):
+        raise ConfigError(f"clients: expected at most {len(train)} (one example each), "
+                          f"got {clients}")
+    if lda_alpha is None:
+        return partition.iid(train.labels, clients, seed=seed)
+    return partition.dirichlet(train.labels, clients, lda_alpha, seed=seed)
+
+
+def server_side(c: SimConfig, test: Dataset, evaluate_fn):
+    """The aggregator's model (initial global weights, seeded) and its FedAvg
+    strategy, as the simulation and ``sparsefedpp serve`` both build them."""
+    model = models.build(c.model, num_classes=len(test.classes), width=c.width,
+                         alpha=c.model_alpha, in_channels=test.images.shape[1],
+                         seed=c.seed)
+    prune_to = c.method_config.sparsity if c.method != "fedavg" else None
+    strategy = FedAvg(per_round=c.per_round, min_clients=c.min_clients, seed=c.seed,
+                      prune_to=prune_to or None, prune_scope=c.method_config.prune_scope,
+                      prune_model=model, evaluate_fn=evaluate_fn,
+                      eval_sparsities=tuple(c.eval_sparsities))
+    return model, strategy
+
+
+def device_round_config(c: SimConfig, rnd: int, test: Dataset) -> dict:
+    """What a device needs to train round ``rnd`` (sent in the round announcement):
+    the model to build, the method, local SGD, the learning rate, the encoding and
+    the federation's normalisation constants."""
+    return {"model": {"name": c.model, "width": c.width, "alpha": c.model_alpha,
+                      "num_classes": len(test.classes),
+                      "in_channels": int(test.images.shape[1])},
+            "method": asdict(c.method_config), "local": asdict(c.local_config),
+            "lr": c.lr_at(rnd), "encoding": c.encoding,
+            "mean": list(test.mean), "std": list(test.std)}
 
 
 def _spawn():

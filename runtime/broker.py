@@ -1,0 +1,197 @@
+"""How to reach the MQTT broker: URL, credentials, TLS, and a paho client built from them.
+
+The aggregator (server/) and the devices (trainer/) must connect the same way
+(MQTT 5, a durable session created with clean_start=False from the first
+connect, TLS with server verification), so the one place that builds a paho
+client lives here; paho is imported only when a client is built.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from .errors import ConfigError, TransportError
+
+logger = logging.getLogger(__name__)
+
+SESSION_EXPIRY = 7 * 24 * 3600  # seconds the broker keeps a session while offline
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    """Where the broker is and how to authenticate.
+
+    ``mqtt://host[:1883]`` is plain TCP, ``mqtts://host[:8883]`` is TLS verified
+    against ``ca_file`` (else the system's CAs); ``cert_file``/``key_file`` add a
+    client certificate. ``password_file`` holds the password on its first line.
+    """
+
+    host: str
+    port: int
+    tls: bool = False
+    username: str | None = None
+    password_file: str | None = None
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    keepalive: int = 30
+    reconnect_min: float = 1.0
+    reconnect_max: float = 60.0
+
+    @classmethod
+    def from_url(cls, url: str, **options) -> BrokerSettings:
+        parts = urlsplit(url if "://" in url else f"mqtt://{url}")
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise ConfigError(f"broker URL: expected mqtt://HOST[:PORT] or "
+                              f"mqtts://HOST[:PORT], got {url!r}")
+        tls = parts.scheme == "mqtts"
+        try:
+            port = parts.port or (8883 if tls else 1883)
+        except ValueError:
+            raise ConfigError(f"broker URL: bad port in {url!r}") from None
+        return cls(parts.hostname, port, tls, **options)
+
+    @property
+    def url(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+    def password(self) -> str | None:
+        if self.password_file is None:
+            return None
+        try:
+            return Path(self.password_file).read_text(encoding="utf-8").splitlines()[0]
+        except (OSError, IndexError, UnicodeDecodeError) as e:
+            raise ConfigError(f"password file {self.password_file}: expected a readable "
+                              f"file with the password on its first line, got {e!r}"
+                              ) from None
+
+    def check_files(self) -> None:
+        """Fail early, naming the option, when a TLS or password file is missing."""
+        for option, path in (("--password-file", self.password_file),
+                             ("--ca", self.ca_file), ("--cert", self.cert_file),
+                             ("--key", self.key_file)):
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"{option} {path}: expected an existing file, got "
+                                  f"none; check the path")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ConfigError("client certificate: expected both --cert and --key, got "
+                              "only one")
+        if not self.tls and (self.ca_file or self.cert_file):
+            raise ConfigError(f"broker {self.url}: TLS files given for a plain "
+                              f"connection; use mqtts://")
+
+
+def make_client(settings: BrokerSettings, client_id: str, *, will_topic: str,
+                will_payload: bytes):
+    """A paho MQTT 5 client with credentials, TLS, a retained QoS 1 last will and
+    reconnect backoff set; not yet connected (see ``connect``)."""
+    import paho.mqtt.client as mqtt
+
+    settings.check_files()
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                         protocol=mqtt.MQTTv5)
+    if settings.username is not None:
+        client.username_pw_set(settings.username, settings.password())
+    if settings.tls:
+        client.tls_set(ca_certs=settings.ca_file, certfile=settings.cert_file,
+                       keyfile=settings.key_file, cert_reqs=ssl.CERT_REQUIRED,
+                       tls_version=ssl.PROTOCOL_TLS_CLIENT)
+    client.enable_logger(logger)
+    client.will_set(will_topic, will_payload, qos=1, retain=True)
+    client.reconnect_delay_set(settings.reconnect_min, settings.reconnect_max)
+    return client
+
+
+def connect(client, settings: BrokerSettings) -> None:
+    """Start connecting in the background (paho retries with backoff until it
+    succeeds); the session is durable: clean_start=False from the first connect,
+    kept by the broker for ``SESSION_EXPIRY`` seconds."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = SESSION_EXPIRY
+    client.connect_async(settings.host, settings.port, keepalive=settings.keepalive,
+                         clean_start=False, properties=props)
+    client.loop_start()
+
+
+class ConnectWaiter:
+    """Set from ``on_connect``; ``wait`` turns a refusal or a timeout into a
+    TransportError that says what to fix."""
+
+    def __init__(self, settings: BrokerSettings):
+        self.settings = settings
+        self._event = threading.Event()
+        self.reason: str | None = None
+
+    def connected(self, reason_code) -> None:
+        self.reason = None if not reason_code.is_failure else str(reason_code)
+        self._event.set()
+
+    def wait(self, timeout: float | None) -> None:
+        if not self._event.wait(timeout):
+            problem = probe(self.settings) or "no CONNACK"
+            raise TransportError(f"broker {self.settings.url}: no connection after "
+                                 f"{timeout:g} s ({problem}); is Mosquitto running "
+                                 f"there? check --broker, --ca and the firewall")
+        if self.reason is not None:
+            fix = ("check --username and --password-file"
+                   if "authori" in self.reason.lower() or "password" in
+                   self.reason.lower() else "see the broker's log")
+            raise TransportError(f"broker {self.settings.url} refused the connection: "
+                                 f"{self.reason}; {fix}")
+
+
+def probe(settings: BrokerSettings, timeout: float = 5.0) -> str | None:
+    """Open a TCP (and TLS) connection to the broker once; the problem, or None.
+
+    paho retries failed connects quietly, so this names the cause: refused,
+    unreachable, or the TLS certificate check that failed.
+    """
+    try:
+        with socket.create_connection((settings.host, settings.port), timeout) as sock:
+            if settings.tls:
+                ctx = ssl.create_default_context(cafile=settings.ca_file)
+                if settings.cert_file:
+                    ctx.load_cert_chain(settings.cert_file, settings.key_file)
+                with ctx.wrap_socket(sock, server_hostname=settings.host):
+                    pass
+    except ssl.SSLError as e:
+        return f"TLS: {e.reason or e}"
+    except OSError as e:
+        return f"{type(e).__name__}: {e.strerror or e}"
+    return None
+
+
+def publish_confirmed(client, connected: threading.Event, topic: str, payload: bytes,
+                      *, retain: bool = False, timeout: float = 60.0) -> None:
+    """Publish at QoS 1 and wait for the broker's PUBACK, waiting out a reconnect.
+
+    A publish cut by a lost connection is sent again after the reconnect (the
+    receiver ignores duplicates); no PUBACK within ``timeout`` is a TransportError.
+    """
+    import time
+
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        if not connected.wait(left):
+            break
+        info = client.publish(topic, payload, qos=1, retain=retain)
+        if info.rc != 0:  # not connected after all: wait for the reconnect
+            time.sleep(0.05)
+            continue
+        try:
+            info.wait_for_publish(max(0.0, deadline - time.monotonic()))
+        except RuntimeError:
+            continue
+        if info.is_published():
+            return
+    raise TransportError(f"publish to {topic}: no PUBACK within {timeout:g} s; the "
+                         f"broker is unreachable or refuses this client")

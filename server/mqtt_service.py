@@ -1,0 +1,533 @@
+"""The aggregator as an MQTT service: announce, collect until deadline or all, aggregate.
+
+Round state machine (docs/protocol.md draws it)::
+
+    WAIT_DEVICES -> ANNOUNCE -> COLLECT -> (quorum) AGGREGATE -> EVALUATE -> CHECKPOINT
+                                   |  deadline, no quorum:
+                                   |  "extend": deadline += extend_seconds, COLLECT
+                                   |  "rerun":  ANNOUNCE again (attempt + 1)
+                                   |  "skip":   keep the old model, CHECKPOINT
+
+paho's network thread only puts messages on a queue; everything else runs on
+the caller's thread. The whole federation state (global model, next round,
+cumulative bytes, a fingerprint of the configuration) is written atomically to
+``state_dir/federation.sfpp`` after every round; a restarted service resumes
+there: the interrupted round is announced again with the same selection, and
+updates the devices published meanwhile (queued by the broker in the service's
+durable session, or re-sent by the devices) are accepted.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from sparsefedpp.runtime import codec, protocol
+from sparsefedpp.runtime.broker import (
+    BrokerSettings,
+    ConnectWaiter,
+    connect,
+    make_client,
+    publish_confirmed,
+)
+from sparsefedpp.runtime.checkpoint import write_atomic
+from sparsefedpp.runtime.errors import CodecError, ConfigError, StateError
+
+from .strategy import ClientResult, Strategy
+
+logger = logging.getLogger(__name__)
+
+Tensors = dict[str, np.ndarray]
+STATE_FILE = "federation.sfpp"
+POLICIES = ("extend", "rerun", "skip")
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """Deployment settings of the aggregator (the FL settings live in the strategy
+    and in ``round_config``).
+
+    ``devices`` are the registered device ids (= their MQTT usernames); a round
+    selects among those whose retained status says online. Before announcing,
+    the service waits up to ``device_grace`` seconds for every registered device
+    to be online, and longer (up to ``wait_for_quorum``) while fewer than the
+    quorum are. ``quorum`` is the strategy's ``min_clients``. A round closes
+    when every selected device has answered, or has been offline (last will)
+    for ``offline_grace`` seconds, or at the deadline.
+    """
+
+    devices: tuple[str, ...]
+    rounds: int
+    state_dir: str
+    quorum: int = 1
+    round_timeout: float = 600.0
+    on_no_quorum: str = "extend"
+    extend_seconds: float = 60.0
+    max_attempts: int = 3
+    device_grace: float = 30.0
+    offline_grace: float = 30.0
+    wait_for_quorum: float = 3600.0
+    eval_every: int = 1
+    encoding: str = "csr"
+    method: str = "fedavg"
+    prefix: str = protocol.DEFAULT_PREFIX
+    client_id: str = "sfpp-aggregator"
+    chunk_bytes: int = protocol.DEFAULT_CHUNK_BYTES
+    max_update_bytes: int = 256 << 20
+    max_update_norm: float | None = None
+    max_examples: int = 10_000_000
+    connect_timeout: float = 30.0
+    publish_timeout: float = 120.0
+
+    def __post_init__(self):
+        if not self.devices:
+            raise ConfigError("serve devices: expected at least one registered device "
+                              "id, got none; list them under [deployment] devices")
+        for d in self.devices:
+            protocol.check_device_id(d)
+        if len(set(self.devices)) != len(self.devices):
+            raise ConfigError(f"serve devices: expected distinct ids, got "
+                              f"{list(self.devices)}")
+        if self.on_no_quorum not in POLICIES:
+            raise ConfigError(f"serve on_no_quorum: expected one of {POLICIES}, got "
+                              f"{self.on_no_quorum!r}")
+        for name in ("rounds", "quorum", "max_attempts", "eval_every", "chunk_bytes",
+                     "max_update_bytes", "max_examples"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"serve {name}: expected an integer >= 1, got "
+                                  f"{value!r}")
+        for name in ("round_timeout", "extend_seconds", "device_grace",
+                     "wait_for_quorum", "offline_grace", "connect_timeout", "publish_timeout"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value >= 0):
+                raise ConfigError(f"serve {name}: expected seconds >= 0, got {value!r}")
+        if self.max_update_norm is not None and not self.max_update_norm > 0:
+            raise ConfigError(f"serve max_update_norm: expected > 0 or none, got "
+                              f"{self.max_update_norm!r}")
+        if self.encoding not in codec.ENCODINGS:
+            raise ConfigError(f"serve encoding: expected one of "
+                              f"{', '.join(codec.ENCODINGS)}, got {self.encoding!r}")
+        protocol.Topics(self.prefix)
+
+
+@dataclass
+class RoundOutcome:
+    """What one round did; written as the metrics' ``round`` event."""
+
+    round: int
+    attempts: int
+    selected: list[str]
+    accepted: list[str]
+    aggregated: bool
+    rejected: list = field(default_factory=list)    # [device, reason]
+    failures: list = field(default_factory=list)    # [device, reason]
+    bytes_up: int = 0
+    bytes_down: int = 0
+    seconds: float = 0.0
+    fit: dict = field(default_factory=dict)
+    eval: dict = field(default_factory=dict)
+
+
+def update_problem(msg: codec.Message, reference: Tensors, *, max_examples: int,
+                   max_norm: float | None) -> str:
+    """Why a decoded update cannot be averaged into ``reference`` ('' if it can):
+    names, shapes, dtypes, finite values, the example count and the L2 norm of
+    the change against the global model."""
+    if set(msg.tensors) != set(reference):
+        missing = sorted(set(reference) - set(msg.tensors))[:3]
+        extra = sorted(set(msg.tensors) - set(reference))[:3]
+        return f"tensor names differ from the model's (missing {missing}, extra {extra})"
+    n = msg.num_examples
+    if not 1 <= n <= max_examples:
+        return f"num_examples: expected 1 to {max_examples}, got {n}"
+    sq = 0.0
+    for name, ref in reference.items():
+        arr = msg.tensors[name]
+        if arr.shape != ref.shape or arr.dtype != ref.dtype:
+            return (f"tensor {name!r}: expected {ref.dtype} {ref.shape}, got {arr.dtype} "
+                    f"{arr.shape}")
+        if arr.dtype.kind == "f":
+            if not np.isfinite(arr).all():
+                return f"tensor {name!r} holds NaN or inf"
+            if max_norm is not None:
+                sq += float(np.sum((arr.astype(np.float64) - ref) ** 2))
+    if max_norm is not None and math.sqrt(sq) > max_norm:
+        return f"update norm {math.sqrt(sq):.4g} exceeds max_update_norm {max_norm:g}"
+    return ""
+
+
+class Aggregator:
+    """Runs ``config.rounds`` rounds of ``strategy`` over the broker.
+
+    ``round_config(rnd)`` is the JSON settings every selected device receives
+    (model, method, local training, learning rate; ``seed`` per device is added
+    here). ``evaluate_fn(tensors)`` scores the global model every ``eval_every``
+    rounds; the last round uses ``strategy.evaluate`` (dense plus the pruned
+    levels). ``emit(event, **fields)`` receives the metrics events.
+    """
+
+    def __init__(self, config: ServiceConfig, strategy: Strategy, tensors: Tensors, *,
+                 broker: BrokerSettings, round_config: Callable[[int], dict],
+                 seed: int = 0, fingerprint: dict | None = None,
+                 evaluate_fn: Callable[[Tensors], dict] | None = None,
+                 emit: Callable[..., object] | None = None) -> None:
+        self.config = config
+        self.strategy = strategy
+        self.tensors = {k: np.array(v) for k, v in tensors.items()}
+        self.broker = broker
+        self.round_config = round_config
+        self.seed = seed
+        self.fingerprint = dict(fingerprint or {})
+        self.evaluate_fn = evaluate_fn
+        self.emit = emit or (lambda event, **fields: None)
+        self.topics = protocol.Topics(config.prefix)
+        self.state_path = Path(config.state_dir) / STATE_FILE
+        self.next_round = 0
+        self.totals = {"bytes_up": 0, "bytes_down": 0}
+        self.online: dict[str, bool] = {}
+        self._offline_since: dict[str, float] = {}
+        self._events: queue.Queue = queue.Queue()
+        self._connected = threading.Event()
+        self._reassembler = protocol.Reassembler(max_total=config.max_update_bytes)
+        self._model_chunks = 0
+        self._round: int | None = None          # the round being run
+        self._selected: list[str] | None = None  # None until it is announced
+        self._accepted: dict[str, ClientResult] = {}
+        self._rejected: list = []
+        self._early: dict[str, bytes] = {}      # updates for the round before it opened
+        self._bytes_up = 0
+        self._client = None
+        self._waiter: ConnectWaiter | None = None
+        self._resume()
+
+    # ---------------------------------------------------------------- state file
+    def _resume(self) -> None:
+        if not self.state_path.exists():
+            return
+        try:
+            msg = codec.decode(self.state_path.read_bytes())
+        except (OSError, CodecError) as e:
+            raise StateError(f"federation state {self.state_path}: expected a readable "
+                             f"state file, got {e}; move it away to start over") from None
+        saved = msg.meta.get("fingerprint")
+        if saved != self.fingerprint:
+            raise ConfigError(f"federation state {self.state_path}: written for another "
+                              f"configuration (saved {saved}, now {self.fingerprint}); "
+                              f"use another state folder to start a new federation")
+        problem = update_problem(msg, self.tensors, max_examples=2**62, max_norm=None)
+        if problem and "num_examples" not in problem:
+            raise StateError(f"federation state {self.state_path}: {problem}")
+        self.tensors = dict(msg.tensors)
+        self.next_round = int(msg.meta["next_round"])
+        self.totals.update(msg.meta.get("totals", {}))
+        logger.info("resuming at round %d from %s", self.next_round + 1, self.state_path)
+        self.emit("resume", round=self.next_round, state=str(self.state_path))
+
+    def _save(self) -> None:
+        msg = codec.Message("model", self.next_round, "aggregator", self.config.method,
+                            self.tensors, 0, {"fingerprint": self.fingerprint,
+                                              "next_round": self.next_round,
+                                              "totals": self.totals})
+        data = codec.encode(msg, "csr")
+        write_atomic(self.state_path, lambda f: f.write(data))
+
+    # ---------------------------------------------------------------- broker
+    def _on_connect(self, client, userdata, flags, reason_code, properties):
+        self._waiter.connected(reason_code)
+        if reason_code.is_failure:
+            logger.error("broker refused the connection: %s", reason_code)
+            return
+        client.subscribe([(self.topics.update("+"), 1), (self.topics.status("+"), 1)])
+        self._connected.set()
+        logger.info("connected to %s", self.broker.url)
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties):
+        self._connected.clear()
+        if reason_code != 0 or self._client is None:  # not our own disconnect()
+            logger.warning("disconnected from the broker (%s); reconnecting",
+                           reason_code)
+
+    def _on_message(self, client, userdata, message):
+        self._events.put((message.topic, bytes(message.payload)))
+
+    def _publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        publish_confirmed(self._client, self._connected, topic, payload, retain=retain,
+                          timeout=self.config.publish_timeout)
+
+    def start(self) -> None:
+        self._waiter = ConnectWaiter(self.broker)
+        self._client = make_client(self.broker, self.config.client_id,
+                                   will_topic=self.topics.server,
+                                   will_payload=protocol.SERVER_OFFLINE)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+        connect(self._client, self.broker)
+        try:
+            self._waiter.wait(self.config.connect_timeout)
+        except Exception:
+            self.stop()
+            raise
+        self._publish(self.topics.server, protocol.control(
+            "server", state="online", round=self.next_round, rounds=self.config.rounds),
+            retain=True)
+
+    def stop(self, state: str | None = None) -> None:
+        if self._client is None:
+            return
+        if state is not None and self._connected.is_set():
+            self._publish(self.topics.server, protocol.control(
+                "server", state=state, round=self.next_round,
+                rounds=self.config.rounds), retain=True)
+        self._client.disconnect()
+        self._client.loop_stop()
+        self._client = None
+
+    # ---------------------------------------------------------------- rounds
+    def run(self) -> Tensors:
+        """Run the remaining rounds; returns the final global model."""
+        self.start()
+        try:
+            while self.next_round < self.config.rounds:
+                self.run_round(self.next_round)
+            self.stop("finished")
+        finally:
+            self.stop()
+        return self.tensors
+
+    def _drain(self, until: float) -> None:
+        """Handle queued messages until ``until`` (monotonic) or the queue is empty
+        after it; status messages update ``online``."""
+        while True:
+            try:
+                topic, payload = self._events.get(timeout=max(0.0, until -
+                                                              time.monotonic()))
+            except queue.Empty:
+                return
+            self._handle(topic, payload)
+            if time.monotonic() >= until and self._events.empty():
+                return
+
+    def _available(self) -> list[str]:
+        return sorted(d for d in self.config.devices if self.online.get(d))
+
+    def _wait_for_devices(self) -> list[str]:
+        c = self.config
+        start = time.monotonic()
+        self._drain(start)  # statuses that are already queued
+        if len(self._available()) < len(c.devices):
+            logger.info("waiting up to %g s for devices to come online (%d of %d are)",
+                        c.device_grace, len(self._available()), len(c.devices))
+        while True:
+            avail = self._available()
+            waited = time.monotonic() - start
+            if len(avail) == len(c.devices) or (
+                    len(avail) >= c.quorum and waited >= c.device_grace):
+                return avail
+            if waited >= c.device_grace + c.wait_for_quorum:
+                return avail
+            self._drain(time.monotonic() + 0.2)
+
+    def run_round(self, rnd: int) -> RoundOutcome:
+        c = self.config
+        start = time.monotonic()
+        self._round, self._selected = rnd, None
+        self._accepted, self._rejected, self._bytes_up = {}, [], 0
+        outcome = RoundOutcome(rnd + 1, 0, [], [], False)
+        model_bytes = codec.encode(codec.Message(
+            "model", rnd, "aggregator", c.method, self.tensors), c.encoding)
+        digest = protocol.digest_of(model_bytes)
+        for attempt in range(c.max_attempts):
+            outcome.attempts = attempt + 1
+            available = self._wait_for_devices()
+            plan = self.strategy.configure_round(rnd, available)
+            if not plan:
+                logger.warning("round %d: %d devices online, expected at least %d",
+                               rnd + 1, len(available), c.quorum)
+                continue
+            self._selected = [p.client_id for p in plan]
+            outcome.selected = list(self._selected)
+            self._announce(rnd, attempt, plan, model_bytes, digest)
+            early, self._early = self._early, {}
+            for device, payload in early.items():
+                self._on_update(device, payload)
+            outcome.bytes_down += len(model_bytes) * len(plan)
+            deadline = time.monotonic() + c.round_timeout
+            extensions = 0
+            while True:
+                self._collect(deadline)
+                if len(self._accepted) >= c.quorum or c.on_no_quorum != "extend" or \
+                        attempt + extensions + 1 >= c.max_attempts:
+                    break
+                extensions += 1
+                logger.warning("round %d: %d of %d updates at the deadline, quorum %d; "
+                               "extending by %g s", rnd + 1, len(self._accepted),
+                               len(plan), c.quorum, c.extend_seconds)
+                deadline = time.monotonic() + c.extend_seconds
+            if len(self._accepted) >= c.quorum or c.on_no_quorum != "rerun":
+                break
+            logger.warning("round %d: no quorum (%d of %d); announcing again",
+                           rnd + 1, len(self._accepted), c.quorum)
+        self._finish(rnd, outcome)
+        self._round, self._selected = None, None
+        outcome.seconds = time.monotonic() - start
+        self.next_round = rnd + 1
+        self.totals["bytes_up"] += outcome.bytes_up
+        self.totals["bytes_down"] += outcome.bytes_down
+        self._save()
+        self.emit("round", **vars(outcome), cum_bytes_up=self.totals["bytes_up"],
+                  cum_bytes_down=self.totals["bytes_down"])
+        return outcome
+
+    def _announce(self, rnd: int, attempt: int, plan, model_bytes: bytes,
+                  digest: str) -> None:
+        chunks = protocol.split(model_bytes, self.config.chunk_bytes)
+        for i, chunk in enumerate(chunks):
+            self._publish(self.topics.model(i), chunk, retain=True)
+        for i in range(len(chunks), self._model_chunks):  # clear stale retained chunks
+            self._publish(self.topics.model(i), b"", retain=True)
+        self._model_chunks = len(chunks)
+        config = dict(self.round_config(rnd))
+        config["seeds"] = {p.client_id: protocol.client_seed(self.seed, rnd, p.client_id)
+                           for p in plan}
+        announcement = protocol.control(
+            "round", round=rnd, attempt=attempt,
+            selected=[p.client_id for p in plan],
+            deadline=time.time() + self.config.round_timeout,
+            model={"digest": digest, "chunks": len(chunks), "bytes": len(model_bytes)},
+            config=config)
+        self._publish(self.topics.round, announcement, retain=True)
+        logger.info("round %d (attempt %d): announced to %s, model %d bytes in %d "
+                    "chunks", rnd + 1, attempt + 1, ", ".join(p.client_id for p in plan),
+                    len(model_bytes), len(chunks))
+
+    def _collect(self, deadline: float) -> None:
+        while time.monotonic() < deadline and self._waiting_for():
+            self._drain(min(deadline, time.monotonic() + 0.5))
+
+    def _waiting_for(self) -> list[str]:
+        """Selected devices without an accepted update that may still send one."""
+        gone = time.monotonic() - self.config.offline_grace
+        return [d for d in self._selected if d not in self._accepted
+                and self._offline_since.get(d, math.inf) > gone]
+
+    def _finish(self, rnd: int, outcome: RoundOutcome) -> None:
+        order = {d: i for i, d in enumerate(outcome.selected)}
+        results = sorted(self._accepted.values(), key=lambda r: order.get(r.client_id, 0))
+        failures = [(d, "no valid update before the deadline") for d in outcome.selected
+                    if d not in self._accepted]
+        outcome.accepted = [r.client_id for r in results]
+        outcome.rejected = list(self._rejected)
+        outcome.bytes_up = self._bytes_up
+        new = None
+        if len(results) >= self.config.quorum:
+            new = self.strategy.aggregate(rnd, results, failures)
+        else:
+            logger.warning("round %d: %d valid updates, quorum %d: keeping the previous "
+                           "global model", rnd + 1, len(results), self.config.quorum)
+        last = getattr(self.strategy, "last_round", {})
+        outcome.failures = [list(f) for f in last.get("failures", failures)]
+        outcome.fit = dict(last.get("fit_metrics", {})) if new is not None else {}
+        if new is not None:
+            self.tensors = new
+            outcome.aggregated = True
+        if rnd + 1 == self.config.rounds:
+            outcome.eval = self.strategy.evaluate(rnd, self.tensors) or {}
+        elif self.evaluate_fn is not None and (rnd + 1) % self.config.eval_every == 0:
+            outcome.eval = self.evaluate_fn(self.tensors)
+
+    # ---------------------------------------------------------------- messages
+    def _handle(self, topic: str, payload: bytes) -> None:
+        device = self.topics.device_of(topic, "status")
+        if device is not None:
+            self._on_status(device, payload)
+            return
+        device = self.topics.device_of(topic, "update")
+        if device is None:
+            logger.warning("dropped a message on unexpected topic %r", topic[:200])
+            return
+        if device not in self.config.devices:
+            logger.warning("dropped an update from unregistered device %r", device)
+            return
+        try:
+            payload = self._reassembler.add(device, payload)
+        except protocol.ProtocolError as e:
+            self._reject(device, None, f"bad chunk: {e}")
+            return
+        if payload is not None:
+            self._on_update(device, payload)
+
+    def _on_status(self, device: str, payload: bytes) -> None:
+        if device not in self.config.devices:
+            logger.debug("status of unregistered device %r ignored", device)
+            return
+        if not payload:  # a cleared retained status
+            self._set_online(device, False)
+            return
+        try:
+            state = protocol.parse_control(payload, "status")["state"]
+        except protocol.ProtocolError as e:
+            logger.warning("bad status from %s: %s", device, e)
+            return
+        self._set_online(device, state != "offline")
+        logger.debug("device %s is %s", device, state)
+
+    def _set_online(self, device: str, online: bool) -> None:
+        self.online[device] = online
+        if online:
+            self._offline_since.pop(device, None)
+        else:
+            self._offline_since.setdefault(device, time.monotonic())
+
+    def _on_update(self, device: str, payload: bytes) -> None:
+        rnd = self._round if self._round is not None else self.next_round
+        try:
+            msg = codec.decode(payload, max_bytes=self.config.max_update_bytes)
+        except CodecError as e:
+            self._reject(device, None, f"undecodable update: {e}")
+            return
+        if msg.kind != "update" or msg.sender != device:
+            self._reject(device, msg.round, f"expected an update sent by {device}, got "
+                         f"kind {msg.kind!r} from {msg.sender!r}")
+        elif msg.round == rnd and self._selected is None:
+            self._early[device] = payload  # e.g. queued while the service restarted
+        elif msg.round != rnd:
+            when = "closed" if msg.round < rnd else "not open yet"
+            self._reject(device, msg.round, f"round {msg.round + 1} is {when} (now "
+                         f"round {rnd + 1})")
+        elif device not in self._selected:
+            self._reject(device, msg.round, f"{device} is not selected for round "
+                         f"{rnd + 1}")
+        elif device in self._accepted:
+            logger.info("round %d: duplicate update from %s ignored", rnd + 1, device)
+            self._ack(device, rnd, True, "duplicate; the first copy was accepted")
+        else:
+            problem = update_problem(msg, self.tensors,
+                                     max_examples=self.config.max_examples,
+                                     max_norm=self.config.max_update_norm)
+            if problem:
+                self._reject(device, rnd, problem)
+                return
+            self._accepted[device] = ClientResult(device, msg.tensors, msg.num_examples,
+                                                  msg.meta)
+            self._bytes_up += len(payload)
+            logger.info("round %d: update from %s accepted (%d bytes, %d examples)",
+                        rnd + 1, device, len(payload), msg.num_examples)
+            self._ack(device, rnd, True, "")
+
+    def _reject(self, device: str, rnd: int | None, reason: str) -> None:
+        logger.warning("rejected an update from %s: %s", device, reason)
+        self._rejected.append([device, reason])
+        self._ack(device, rnd if rnd is not None else -1, False, reason)
+
+    def _ack(self, device: str, rnd: int, accepted: bool, reason: str) -> None:
+        data = protocol.control("ack", round=rnd, accepted=accepted, reason=reason[:500])
+        self._client.publish(self.topics.ack(device), data, qos=1)

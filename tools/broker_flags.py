@@ -1,0 +1,42 @@
+"""Broker flags shared by ``serve`` and ``client``, and the log set-up of both."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from sparsefedpp.runtime.broker import BrokerSettings
+
+
+def add_broker_flags(p: argparse.ArgumentParser, *, default_user: str | None) -> None:
+    p.add_argument("--broker", required=True,
+                   help="mqtt://HOST[:1883] or mqtts://HOST[:8883] (TLS)")
+    p.add_argument("--username", default=None,
+                   help=f"MQTT user name (default: {default_user or 'none'})")
+    p.add_argument("--password-file", default=None,
+                   help="file whose first line is the MQTT password")
+    p.add_argument("--ca", default=None, help="CA certificate (PEM) to verify the "
+                   "broker with (mqtts://; default: the system's CAs)")
+    p.add_argument("--cert", default=None, help="client certificate (PEM), optional")
+    p.add_argument("--key", default=None, help="client key (PEM) for --cert")
+    p.add_argument("--keepalive", type=int, default=30, help="seconds (default 30)")
+    p.add_argument("--reconnect-max", type=float, default=60.0,
+                   help="longest wait between reconnect attempts, seconds (backoff "
+                   "doubles from 1 s up to this; default 60)")
+
+
+def broker_settings(args, username: str | None = None) -> BrokerSettings:
+    return BrokerSettings.from_url(
+        args.broker, username=args.username or username,
+        password_file=args.password_file, ca_file=args.ca, cert_file=args.cert,
+        key_file=args.key, keepalive=args.keepalive,
+        reconnect_max=max(1.0, args.reconnect_max))
+
+
+def setup_logging(quiet: bool, debug: bool = False) -> None:
+    """Human log lines on stderr: what the service does and why it dropped a message."""
+    level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: "
+                        "%(message)s", force=True)
+    logging.getLogger("sparsefedpp.runtime.broker").setLevel(
+        logging.DEBUG if debug else logging.ERROR)  # paho's own chatter
