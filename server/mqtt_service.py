@@ -59,8 +59,9 @@ class ServiceConfig:
     the service waits up to ``device_grace`` seconds for every registered device
     to be online, and longer (up to ``wait_for_quorum``) while fewer than the
     quorum are. ``quorum`` is the strategy's ``min_clients``. A round closes
-    when every selected device has answered, or has been offline (last will)
-    for ``offline_grace`` seconds, or at the deadline.
+    when every selected device has answered, or when the quorum is met and the
+    others have been offline (last will) for ``offline_grace`` seconds, or at
+    the deadline.
     """
 
     devices: tuple[str, ...]
@@ -410,7 +411,13 @@ class Aggregator:
                     len(model_bytes), len(chunks))
 
     def _collect(self, deadline: float) -> None:
-        while time.monotonic() < deadline and self._waiting_for():
+        """Until the deadline, or every selected device answered, or the quorum is
+        met and the others have been offline for ``offline_grace``."""
+        while time.monotonic() < deadline:
+            if len(self._accepted) == len(self._selected) or (
+                    len(self._accepted) >= self.config.quorum and
+                    not self._waiting_for()):
+                return
             self._drain(min(deadline, time.monotonic() + 0.5))
 
     def _waiting_for(self) -> list[str]:

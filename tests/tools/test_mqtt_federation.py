@@ -141,3 +141,44 @@ def test_slow_device_past_the_deadline_is_ignored(fed, shards, tmp_path):
     assert slow and all(r["aggregated"] and len(r["accepted"]) == 2 for r in slow)
     assert all(r["seconds"] < 30 for r in rounds)
     assert np.isfinite(rounds[-1]["eval"]["accuracy"])
+
+
+def test_no_quorum_extends_the_deadline_for_a_restarted_device(fed, shards, tmp_path):
+    big = make_shards(tmp_path / "big", 1)[0]
+    config = write_config(tmp_path / "fed.toml", ["0", "9"], rounds=1, per_round=2,
+                          min_clients=2, round_timeout=3, on_no_quorum="extend",
+                          extend_seconds=90)
+    fed.device("0", shards[0])
+    fed.device("9", big)
+    fed.server(config)
+    fed.wait_for_log("device-9", "round 1: training on")
+    fed.kill("device-9")
+    fed.wait_for_log("server", "extending")
+
+    fed.device("9", big)  # back with the same state folder: trains the round again
+
+    assert fed.wait("server") == 0, fed.log("server")
+    (only,) = fed.rounds()
+    assert only["aggregated"] and sorted(only["accepted"]) == ["0", "9"]
+
+
+def test_no_quorum_reruns_the_round_with_the_online_devices(fed, tmp_path):
+    from sparsefedpp.server.fedavg import FedAvg
+
+    big = make_shards(tmp_path / "big", 1)[0]
+    devices = ["0", "1", "2"]
+    config = write_config(tmp_path / "fed.toml", devices, rounds=1, per_round=2,
+                          min_clients=2, round_timeout=3, on_no_quorum="rerun",
+                          device_grace=2)
+    plan = FedAvg(per_round=2, seed=0).configure_round(0, devices)
+    victim = plan[0].client_id
+    for d in devices:
+        fed.device(d, big)
+    fed.server(config)
+    fed.wait_for_log(f"device-{victim}", "round 1: training on")
+    fed.kill(f"device-{victim}")
+
+    assert fed.wait("server") == 0, fed.log("server")
+    (only,) = fed.rounds()
+    assert only["attempts"] == 2 and only["aggregated"]
+    assert victim not in only["selected"] and len(only["accepted"]) == 2
