@@ -109,9 +109,10 @@ def valid_device_id(device: str) -> bool:
             and all(c.isalnum() or c in "_.-" for c in device))
 
 
-def check_device_id(device: str) -> str:
+def check_device_id(device: str, error: type[Exception] | None = None) -> str:
+    """``device``, or ``error`` (ProtocolError by default) saying what is allowed."""
     if not isinstance(device, str) or not valid_device_id(device):
-        raise ProtocolError(f"device id: expected 1 to 64 characters of letters, digits,"
+        raise (error or ProtocolError)(f"device id: expected 1 to 64 characters of letters, digits,"
                             f" '_', '.', '-', got {device!r}")
     return device
 
@@ -253,13 +254,14 @@ def parse_control(data: bytes, kind: str) -> dict:
                             f"bytes, got {len(data)}")
     try:
         msg = json.loads(bytes(data).decode("utf-8"),
-                         parse_constant=_reject_constant)
+                         parse_constant=_reject_constant, parse_float=_finite_float)
     except (UnicodeDecodeError, ValueError) as e:
         raise ProtocolError(f"{kind} message: expected UTF-8 JSON, got {e}") from None
     if not isinstance(msg, dict):
         raise ProtocolError(f"{kind} message: expected a JSON object, got "
                             f"{type(msg).__name__}")
-    if msg.get("v") != PROTOCOL_VERSION or msg.get("type") != kind:
+    if type(msg.get("v")) is not int or msg.get("v") != PROTOCOL_VERSION or \
+            msg.get("type") != kind:
         raise ProtocolError(f"{kind} message: expected v={PROTOCOL_VERSION} and type="
                             f"{kind!r}, got v={msg.get('v')!r} and type="
                             f"{msg.get('type')!r}")
@@ -287,8 +289,8 @@ def _check_semantics(kind: str, msg: dict) -> None:
                                 "device ids")
         model = msg["model"]
         if not (isinstance(model.get("digest"), str) and len(model["digest"]) == 64
-                and isinstance(model.get("chunks"), int) and model["chunks"] >= 1
-                and isinstance(model.get("bytes"), int) and model["bytes"] >= 0):
+                and type(model.get("chunks")) is int and model["chunks"] >= 1
+                and type(model.get("bytes")) is int and model["bytes"] >= 0):
             raise ProtocolError("round message field 'model': expected {digest: 64 hex "
                                 "chars, chunks: int >= 1, bytes: int >= 0}")
     elif kind == "status" and msg["state"] not in DEVICE_STATES:
@@ -301,6 +303,13 @@ def _check_semantics(kind: str, msg: dict) -> None:
 
 def _reject_constant(name: str):
     raise ValueError(f"non-finite number {name}")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)  # 1e999 overflows to inf without passing parse_constant
+    if not math.isfinite(value):
+        raise ValueError(f"non-finite number {text}")
+    return value
 
 
 def _as_tuple(types) -> tuple:

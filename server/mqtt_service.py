@@ -92,7 +92,7 @@ class ServiceConfig:
             raise ConfigError("serve devices: expected at least one registered device "
                               "id, got none; list them under [deployment] devices")
         for d in self.devices:
-            protocol.check_device_id(d)
+            protocol.check_device_id(d, ConfigError)
         if len(set(self.devices)) != len(self.devices):
             raise ConfigError(f"serve devices: expected distinct ids, got "
                               f"{list(self.devices)}")

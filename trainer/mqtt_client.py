@@ -56,7 +56,7 @@ class AgentConfig:
     max_rounds: int | None = None          # stop after training this many rounds
 
     def __post_init__(self):
-        protocol.check_device_id(self.device_id)
+        protocol.check_device_id(self.device_id, ConfigError)
         protocol.Topics(self.prefix)
         if self.chunk_bytes < 1024:
             raise ConfigError(f"client chunk_bytes: expected >= 1024, got "
