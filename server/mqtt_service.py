@@ -47,6 +47,7 @@ logger = logging.getLogger(__name__)
 Tensors = dict[str, np.ndarray]
 STATE_FILE = "federation.sfpp"
 POLICIES = ("extend", "rerun", "skip")
+RECONNECTED = "\0connected"  # a queue event, never a topic (MQTT forbids NUL)
 
 
 @dataclass(frozen=True)
@@ -199,6 +200,7 @@ class Aggregator:
         self._connected = threading.Event()
         self._reassembler = protocol.Reassembler(max_total=config.max_update_bytes)
         self._model_chunks = 0
+        self._retained: list[tuple[str, bytes]] = []  # the open round's announcement
         self._round: int | None = None          # the round being run
         self._selected: list[str] | None = None  # None until it is announced
         self._accepted: dict[str, ClientResult] = {}
@@ -248,6 +250,7 @@ class Aggregator:
             return
         client.subscribe([(self.topics.update("+"), 1), (self.topics.status("+"), 1)])
         self._connected.set()
+        self._events.put((RECONNECTED, b""))
         logger.info("connected to %s", self.broker.url)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
@@ -391,8 +394,9 @@ class Aggregator:
     def _announce(self, rnd: int, attempt: int, plan, model_bytes: bytes,
                   digest: str) -> None:
         chunks = protocol.split(model_bytes, self.config.chunk_bytes)
-        for i, chunk in enumerate(chunks):
-            self._publish(self.topics.model(i), chunk, retain=True)
+        self._retained = [(self.topics.model(i), c) for i, c in enumerate(chunks)]
+        for topic, chunk in self._retained:
+            self._publish(topic, chunk, retain=True)
         for i in range(len(chunks), self._model_chunks):  # clear stale retained chunks
             self._publish(self.topics.model(i), b"", retain=True)
         self._model_chunks = len(chunks)
@@ -405,10 +409,22 @@ class Aggregator:
             deadline=time.time() + self.config.round_timeout,
             model={"digest": digest, "chunks": len(chunks), "bytes": len(model_bytes)},
             config=config)
+        self._retained.append((self.topics.round, announcement))
         self._publish(self.topics.round, announcement, retain=True)
         logger.info("round %d (attempt %d): announced to %s, model %d bytes in %d "
                     "chunks", rnd + 1, attempt + 1, ", ".join(p.client_id for p in plan),
                     len(model_bytes), len(chunks))
+
+    def _republish(self) -> None:
+        """After a reconnect, publish the open round's model chunks and announcement
+        again: a broker killed before it saved them has lost them (devices ignore
+        an announcement they have already seen)."""
+        if self._selected is None or not self._retained:
+            return
+        logger.info("round %d: publishing the announcement again after a reconnect",
+                    self._round + 1)
+        for topic, payload in self._retained:
+            self._publish(topic, payload, retain=True)
 
     def _collect(self, deadline: float) -> None:
         """Until the deadline, or every selected device answered, or the quorum is
@@ -453,6 +469,9 @@ class Aggregator:
 
     # ---------------------------------------------------------------- messages
     def _handle(self, topic: str, payload: bytes) -> None:
+        if topic == RECONNECTED:
+            self._republish()
+            return
         device = self.topics.device_of(topic, "status")
         if device is not None:
             self._on_status(device, payload)

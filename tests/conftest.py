@@ -35,3 +35,40 @@ def pytest_make_collect_report(collector):
     if "could not import" in message:
         report.outcome = "failed"
         report.longrepr = f"CI=true forbids this skip: {message}; install the extra"
+
+
+# --- MQTT: real Mosquitto brokers (tests/mosquitto.py) -------------------------------
+
+
+@pytest.fixture
+def mosquitto(tmp_path):
+    """An anonymous broker on a free plain port, with the shipped persistence and
+    limits; for tests that do not care about security. Skips without mosquitto
+    (fails under CI=true)."""
+    from mosquitto import Mosquitto, require_mosquitto  # tests/mosquitto.py
+
+    require_mosquitto()
+    with Mosquitto(tmp_path / "mosquitto", auth=False, tls=False) as broker:
+        yield broker
+
+
+@pytest.fixture(scope="session")
+def mosquitto_certs(tmp_path_factory):
+    """One test PKI (``tests/mosquitto.py::Certs``) for every broker of the session."""
+    from mosquitto import make_certs
+
+    return make_certs(tmp_path_factory.mktemp("mosquitto-certs"))
+
+
+@pytest.fixture
+def secure_mosquitto(tmp_path, mosquitto_certs):
+    """The shipped config: a password file with TEST_USERS (aggregator/agg-secret,
+    dev1/pw1, dev2/pw2), the shipped ACL, a TLS listener (``tls_port``, certificates
+    in ``certs``) and a localhost plain listener (``port``) with the same users and
+    rights."""
+    from mosquitto import TEST_USERS, Mosquitto, require_mosquitto
+
+    require_mosquitto()
+    with Mosquitto(tmp_path / "mosquitto", auth=True, tls=True, users=TEST_USERS,
+                   certs=mosquitto_certs) as broker:
+        yield broker

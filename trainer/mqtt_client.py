@@ -132,6 +132,7 @@ class DeviceAgent:
                        protocol.control("status", state="online"), qos=1, retain=True)
         self._connected.set()
         self._events.put(("connected", b""))
+        logger.info("connected to %s", self.broker.url)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
         self._connected.clear()
@@ -202,9 +203,21 @@ class DeviceAgent:
             elif topic == t.server:
                 self._on_server(payload)
             elif topic == "connected":
-                self._maybe_resend(force=True)
+                self._resume_round()
         except protocol.ProtocolError as e:
             logger.warning("ignored a bad message on %s: %s", topic, e)
+
+    def _resume_round(self) -> None:
+        """After a (re)connect: ask again for the announced model if it is still
+        missing (a restarted broker may have lost the subscription), and re-send
+        an unacknowledged update."""
+        ann = self._round
+        if ann is not None and self.config.device_id in ann["selected"] and \
+                self._stored_round() != ann["round"] and (
+                self._model is None or
+                protocol.digest_of(self._model) != ann["model"]["digest"]):
+            self._client.subscribe(self.topics.model("+"), qos=1)
+        self._maybe_resend(force=True)
 
     def _on_server(self, payload: bytes) -> None:
         if not payload:

@@ -1,0 +1,371 @@
+"""runtime/protocol.py: SFCK chunk frames, the Reassembler and JSON control messages,
+fed hostile input (no broker)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import pytest
+from sparsefedpp.runtime import protocol
+from sparsefedpp.runtime.errors import CodecError
+from sparsefedpp.runtime.protocol import (
+    CHUNK_HEADER,
+    CHUNK_MAGIC,
+    MAX_CONTROL_BYTES,
+    ProtocolError,
+    Reassembler,
+    control,
+    parse_chunk,
+    parse_control,
+    split,
+)
+
+PAYLOAD = bytes(range(256)) * 40  # 10240 bytes
+MAX = 1 << 20
+
+
+def frame(body: bytes = b"abc", *, magic=CHUNK_MAGIC, version=1, index=0, count=1,
+          total=None, digest=None) -> bytes:
+    """One SFCK frame written field by field from the module docstring's layout."""
+    total = len(body) if total is None else total
+    digest = hashlib.sha256(body).digest() if digest is None else digest
+    return CHUNK_HEADER.pack(magic, version, index, count, total, digest) + body
+
+
+# ------------------------------------------------------------------ chunks
+def test_split_frames_follow_the_documented_layout():
+    chunks = split(PAYLOAD, 4096)
+    assert len(chunks) == 3 and CHUNK_HEADER.size == 53
+    digest = hashlib.sha256(PAYLOAD).digest()
+    for i, data in enumerate(chunks):
+        assert data[:4] == b"SFCK" and data[4] == 1
+        chunk = parse_chunk(data, max_total=MAX)
+        assert (chunk.index, chunk.count, chunk.total, chunk.digest) == \
+            (i, 3, len(PAYLOAD), digest)
+        assert chunk.body == PAYLOAD[i * 4096:(i + 1) * 4096]
+
+
+def test_an_empty_payload_is_one_chunk_without_body():
+    (data,) = split(b"")
+    chunk = parse_chunk(data, max_total=MAX)
+    assert (chunk.count, chunk.total, chunk.body) == (1, 0, b"")
+    assert Reassembler(max_total=MAX).add("d", data) == b""
+
+
+def test_split_refuses_a_chunk_size_below_one():
+    with pytest.raises(ProtocolError, match="chunk size"):
+        split(PAYLOAD, 0)
+
+
+BAD_FRAMES = {
+    "empty": (b"", "truncated"),
+    "short header": (frame()[:52], "truncated"),
+    "magic": (frame(magic=b"SFPP"), "chunk magic"),
+    "version 0": (frame(version=0), "chunk version"),
+    "version 2": (frame(version=2), "chunk version"),
+    "total over the limit": (frame(total=MAX + 1), "declared payload"),
+    "total 10 GB": (frame(total=10 * 10**9), "declared payload of 10000000000"),
+    "total u64 max": (frame(total=2**64 - 1), "declared payload"),
+    "count 0": (frame(count=0), "index < count"),
+    "count over max_chunks": (frame(count=65537, total=10**5), "index < count"),
+    "count u32 max": (frame(count=2**32 - 1, total=10**5), "index < count"),
+    "index == count": (frame(index=1, count=1), "index 1 of 1"),
+    "index past count": (frame(index=2**32 - 1, count=2), "index"),
+    "body beyond total": (frame(b"abcdef", total=3), "body bytes"),
+    "no body for a non-empty payload": (frame(b"", total=5), "body bytes"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_FRAMES))
+def test_parse_chunk_refuses_forged_headers(name):
+    data, match = BAD_FRAMES[name]
+    with pytest.raises(ProtocolError, match=match):
+        parse_chunk(data, max_total=MAX)
+
+
+def test_protocol_errors_are_codec_errors_with_their_own_exit_code():
+    assert issubclass(ProtocolError, CodecError)
+    assert ProtocolError.exit_code == 18
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_random_bytes_raise_only_protocol_error(seed):
+    junk = os.urandom(seed * 7)
+    for data in (junk, CHUNK_MAGIC + b"\x01" + junk):
+        try:
+            parse_chunk(data, max_total=MAX)
+        except ProtocolError:
+            pass
+
+
+# ------------------------------------------------------------------ reassembler
+def test_chunks_out_of_order_are_joined():
+    chunks = split(PAYLOAD, 1000)
+    r = Reassembler(max_total=MAX)
+    order = [5, 0, 10, 3, 1, 9, 2, 8, 4, 7]
+    assert all(r.add("d", chunks[i]) is None for i in order)
+    assert r.add("d", chunks[6]) == PAYLOAD
+
+
+def test_a_redelivered_chunk_is_kept_once():
+    chunks = split(PAYLOAD, 4096)
+    r = Reassembler(max_total=MAX)
+    assert r.add("d", chunks[0]) is None
+    assert r.add("d", chunks[0]) is None  # QoS 1 redelivery
+    assert r.add("d", chunks[1]) is None
+    assert r.add("d", chunks[1]) is None
+    assert r.add("d", chunks[2]) == PAYLOAD
+
+
+def test_a_payload_sent_again_in_full_is_returned_again():
+    r = Reassembler(max_total=MAX)
+    chunks = split(PAYLOAD, 4096)
+    for _ in range(2):
+        got = [r.add("d", c) for c in chunks]
+        assert got == [None, None, PAYLOAD]
+
+
+def test_senders_are_reassembled_independently():
+    other = PAYLOAD[::-1]
+    a, b = split(PAYLOAD, 3000), split(other, 3000)
+    r = Reassembler(max_total=MAX)
+    out = []
+    for ca, cb in zip(a, b, strict=True):
+        out += [r.add("a", ca), r.add("b", cb)]
+    assert out[-2:] == [PAYLOAD, other] and not any(out[:-2])
+
+
+def test_a_new_transfer_replaces_an_unfinished_one_of_the_same_sender():
+    old, new = split(PAYLOAD, 4096), split(PAYLOAD[:5000], 4096)
+    r = Reassembler(max_total=MAX)
+    assert r.add("d", old[0]) is None
+    assert r.add("d", new[0]) is None
+    assert r.add("d", new[1]) == PAYLOAD[:5000]
+    # the old transfer was dropped: its last chunks alone never complete it
+    assert r.add("d", old[1]) is None
+    assert r.add("d", old[2]) is None
+
+
+def test_forget_drops_the_open_transfer():
+    chunks = split(PAYLOAD, 4096)
+    r = Reassembler(max_total=MAX)
+    r.add("d", chunks[0])
+    r.add("d", chunks[1])
+    r.forget("d")
+    r.forget("never-seen")
+    assert r.add("d", chunks[2]) is None
+
+
+def test_sha_mismatch_is_refused():
+    chunks = split(PAYLOAD, 4096)
+    forged = bytearray(chunks[1])
+    forged[CHUNK_HEADER.size + 10] ^= 0xFF  # same header, one body byte changed
+    r = Reassembler(max_total=MAX)
+    r.add("d", chunks[0])
+    r.add("d", bytes(forged))
+    with pytest.raises(ProtocolError, match="SHA-256"):
+        r.add("d", chunks[2])
+    # the failed transfer is gone: a clean copy goes through
+    assert [r.add("d", c) for c in chunks] == [None, None, PAYLOAD]
+
+
+def test_a_header_digest_of_another_payload_is_refused():
+    r = Reassembler(max_total=MAX)
+    data = frame(b"hello", digest=hashlib.sha256(b"world").digest())
+    with pytest.raises(ProtocolError, match="SHA-256"):
+        r.add("d", data)
+
+
+def test_more_bytes_than_the_declared_total_are_refused():
+    digest = hashlib.sha256(b"x" * 10).digest()
+    r = Reassembler(max_total=MAX)
+    assert r.add("d", frame(b"x" * 8, index=0, count=2, total=10, digest=digest)) \
+        is None
+    with pytest.raises(ProtocolError, match="more bytes than the declared 10"):
+        r.add("d", frame(b"x" * 8, index=1, count=2, total=10, digest=digest))
+
+
+def test_fewer_bytes_than_the_declared_total_are_refused():
+    digest = hashlib.sha256(b"x" * 10).digest()
+    r = Reassembler(max_total=MAX)
+    r.add("d", frame(b"x" * 3, index=0, count=2, total=10, digest=digest))
+    with pytest.raises(ProtocolError, match="expected 10 bytes, the chunks hold 6"):
+        r.add("d", frame(b"x" * 3, index=1, count=2, total=10, digest=digest))
+
+
+def test_chunks_of_one_transfer_must_agree_on_count_and_total():
+    digest = hashlib.sha256(b"y" * 12).digest()
+    r = Reassembler(max_total=MAX)
+    r.add("d", frame(b"y" * 4, index=0, count=3, total=12, digest=digest))
+    with pytest.raises(ProtocolError, match="differ"):
+        r.add("d", frame(b"y" * 4, index=1, count=4, total=12, digest=digest))
+    r.add("d", frame(b"y" * 4, index=0, count=3, total=12, digest=digest))
+    with pytest.raises(ProtocolError, match="differ"):
+        r.add("d", frame(b"y" * 4, index=1, count=3, total=13, digest=digest))
+
+
+def test_the_reassembler_limit_applies_before_anything_is_kept():
+    r = Reassembler(max_total=1000)
+    with pytest.raises(ProtocolError, match="declared payload of 10000000000"):
+        r.add("d", frame(b"z", total=10 * 10**9, count=2))
+    assert r._open == {}
+
+
+def test_many_replaced_transfers_keep_one_per_sender():
+    r = Reassembler(max_total=MAX)
+    for i in range(50):
+        r.add("d", split(PAYLOAD + bytes([i]), 4096)[0])
+    assert len(r._open) == 1
+
+
+# ------------------------------------------------------------------ control
+def round_fields(**change) -> dict:
+    fields = {"round": 0, "attempt": 0, "selected": ["0", "dev-1"],
+              "deadline": 1.7e9, "config": {"lr": 0.1},
+              "model": {"digest": "ab" * 32, "chunks": 2, "bytes": 300000}}
+    fields.update(change)
+    return fields
+
+
+def message(kind: str, **fields) -> bytes:
+    return json.dumps({"v": 1, "type": kind, **fields}).encode()
+
+
+def test_control_messages_round_trip():
+    assert parse_control(control("round", **round_fields()), "round")["selected"] == \
+        ["0", "dev-1"]
+    ack = parse_control(control("ack", round=-1, accepted=False, reason="bad"), "ack")
+    assert ack == {"v": 1, "type": "ack", "round": -1, "accepted": False,
+                   "reason": "bad"}
+    assert parse_control(protocol.OFFLINE, "status")["state"] == "offline"
+    assert parse_control(control("status", state="training", round=None), "status")
+    assert parse_control(protocol.SERVER_OFFLINE, "server")["state"] == "offline"
+
+
+ACK_OK = message("ack", round=0, accepted=True, reason="")
+BAD_CONTROL = {
+    "not JSON": (b"{", "ack", "UTF-8 JSON"),
+    "not UTF-8": (b'{"v":1,"type":"ack","reason":"\xff"}', "ack", "UTF-8 JSON"),
+    "a list": (b"[1, 2]", "ack", "JSON object"),
+    "a number": (b"3", "ack", "JSON object"),
+    "no v": (b'{"type":"ack","round":0,"accepted":true,"reason":""}', "ack", "v=1"),
+    "v 2": (ACK_OK.replace(b'"v": 1', b'"v": 2'), "ack", "v=1"),
+    "v true": (ACK_OK.replace(b'"v": 1', b'"v": true'), "ack", "v=1"),
+    "v 1.0": (ACK_OK.replace(b'"v": 1', b'"v": 1.0'), "ack", "v=1"),
+    "other type": (message("status", state="online"), "ack", "type='ack'"),
+    "missing round": (message("ack", accepted=True, reason=""), "ack",
+                      "missing field 'round'"),
+    "missing reason": (message("ack", round=0, accepted=True), "ack",
+                       "missing field 'reason'"),
+    "missing state": (message("status", round=1), "status", "missing field 'state'"),
+    "missing model": (message("round", **{k: v for k, v in round_fields().items()
+                                          if k != "model"}), "round",
+                      "missing field 'model'"),
+    "round as string": (message("ack", round="1", accepted=True, reason=""), "ack",
+                        "'round': expected an integer"),
+    "round as float": (message("ack", round=1.0, accepted=True, reason=""), "ack",
+                       "'round': expected an integer"),
+    "round as bool": (message("ack", round=True, accepted=True, reason=""), "ack",
+                      "'round': expected an integer"),
+    "attempt as bool": (message("round", **round_fields(attempt=False)), "round",
+                        "'attempt': expected an integer"),
+    "accepted as int": (message("ack", round=0, accepted=1, reason=""), "ack",
+                        "'accepted': expected true/false"),
+    "accepted as string": (message("ack", round=0, accepted="true", reason=""), "ack",
+                           "'accepted': expected true/false"),
+    "reason as null": (message("ack", round=0, accepted=True, reason=None), "ack",
+                       "'reason': expected a string"),
+    "deadline as bool": (message("round", **round_fields(deadline=True)), "round",
+                         "'deadline': expected an integer or a number"),
+    "deadline as string": (message("round", **round_fields(deadline="soon")), "round",
+                           "'deadline'"),
+    "selected as string": (message("round", **round_fields(selected="0")), "round",
+                           "'selected': expected a list"),
+    "selected with a bad id": (message("round", **round_fields(selected=["a/b"])),
+                               "round", "list of device ids"),
+    "selected with a number": (message("round", **round_fields(selected=[1])),
+                               "round", "list of device ids"),
+    "negative round": (message("round", **round_fields(round=-1)), "round", ">= 0"),
+    "model digest short": (message("round", **round_fields(
+        model={"digest": "ab", "chunks": 1, "bytes": 1})), "round", "64 hex"),
+    "model chunks 0": (message("round", **round_fields(
+        model={"digest": "ab" * 32, "chunks": 0, "bytes": 1})), "round", "chunks"),
+    "model bytes bool": (message("round", **round_fields(
+        model={"digest": "ab" * 32, "chunks": True, "bytes": 1})), "round", "chunks"),
+    "config as list": (message("round", **round_fields(config=[])), "round",
+                       "'config': expected an object"),
+    "status state unknown": (message("status", state="hacked"), "status",
+                             "expected state in"),
+    "status round as string": (message("status", state="online", round="1"),
+                               "status", "'round'"),
+    "server state unknown": (message("server", state="training"), "server",
+                             "expected state in"),
+    "too large": (b" " * (MAX_CONTROL_BYTES + 1), "ack", "at most"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_CONTROL))
+def test_parse_control_refuses_malformed_messages(name):
+    data, kind, match = BAD_CONTROL[name]
+    with pytest.raises(ProtocolError, match=match):
+        parse_control(data, kind)
+
+
+@pytest.mark.parametrize("number", [b"NaN", b"Infinity", b"-Infinity", b"1e999",
+                                    b"-1e999"])
+def test_parse_control_refuses_non_finite_numbers(number):
+    data = message("round", **round_fields()).replace(b"1700000000.0", number)
+    assert number in data
+    with pytest.raises(ProtocolError, match="non-finite"):
+        parse_control(data, "round")
+    data = message("round", **round_fields(config={"lr": 0.5})).replace(b"0.5", number)
+    with pytest.raises(ProtocolError, match="non-finite"):
+        parse_control(data, "round")
+
+
+def test_control_refuses_to_write_what_parse_control_refuses():
+    with pytest.raises(ProtocolError, match="expected true/false"):
+        control("ack", round=0, accepted=1, reason="")
+    with pytest.raises(ValueError):
+        control("round", **round_fields(deadline=float("nan")))
+
+
+def test_a_control_message_of_exactly_the_limit_is_read():
+    body = message("status", state="online", detail="")
+    data = body[:-2] + b'"' + b"x" * (MAX_CONTROL_BYTES - len(body) - 1) + b'"}'
+    data = data.replace(b'"detail": "', b'"detail": ')
+    assert len(data) <= MAX_CONTROL_BYTES
+    assert parse_control(data, "status")["state"] == "online"
+
+
+# ------------------------------------------------------------------ topics and ids
+@pytest.mark.parametrize("device", ["0", "pi-07", "a_b.c", "x" * 64])
+def test_valid_device_ids(device):
+    assert protocol.check_device_id(device) == device
+    t = protocol.Topics()
+    assert t.device_of(t.update(device), "update") == device
+
+
+@pytest.mark.parametrize("device", ["", "x" * 65, "a/b", "+", "#", "a b", "é", "a\0"])
+def test_invalid_device_ids_are_refused(device):
+    assert not protocol.valid_device_id(device)
+    with pytest.raises(ProtocolError, match="device id"):
+        protocol.check_device_id(device)
+    t = protocol.Topics()
+    assert t.device_of(f"sfpp/update/{device}", "update") is None
+
+
+def test_device_of_refuses_other_topics_and_nested_levels():
+    t = protocol.Topics("farm1/sfpp")
+    assert t.device_of("farm1/sfpp/update/d1", "update") == "d1"
+    assert t.device_of("farm1/sfpp/update/d1/x", "update") is None
+    assert t.device_of("sfpp/update/d1", "update") is None
+    assert t.device_of("farm1/sfpp/status/d1", "update") is None
+
+
+@pytest.mark.parametrize("prefix", ["", "a/+", "#", "/sfpp", "sfpp/", "a\0b"])
+def test_bad_topic_prefixes_are_refused(prefix):
+    with pytest.raises(ProtocolError, match="topic prefix"):
+        protocol.Topics(prefix)
