@@ -7,6 +7,7 @@ from sparsefedpp.trainer.mqtt_client import AgentConfig, DeviceAgent
 
 from .broker_flags import add_broker_flags, broker_settings, setup_logging
 from .cmd_train import add_common
+from .device_check import run_checks
 
 
 def add_parser(sub) -> None:
@@ -33,6 +34,9 @@ def add_parser(sub) -> None:
                    help="exit once the aggregator reports the federation finished")
     p.add_argument("--max-rounds", type=int, default=None,
                    help="exit after training this many rounds (and their acks)")
+    p.add_argument("--check", action="store_true",
+                   help="check the settings, data, kernel cache, broker, credentials "
+                   "and TLS, print what is wrong and how to fix it; start no round")
     add_broker_flags(p, default_user="the device id")
     add_common(p)
     p.set_defaults(run=run)
@@ -40,8 +44,13 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     setup_logging(args.quiet, args.debug)
+    state = args.state or f"sfpp-state/{args.device_id}"
+    if args.check:
+        return run_checks(device_id=args.device_id, data=args.data, state_dir=state,
+                          settings_of=lambda: broker_settings(args, args.device_id),
+                          timeout=args.connect_timeout or 10.0)
     config = AgentConfig(device_id=args.device_id,
-                         state_dir=args.state or f"sfpp-state/{args.device_id}",
+                         state_dir=state,
                          prefix=args.prefix, chunk_bytes=args.chunk_kib * 1024,
                          ack_timeout=args.ack_timeout,
                          connect_timeout=args.connect_timeout,
