@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from sparsefedpp.trainer.data import load_dataset
+from sparsefedpp.trainer.memory_budget import parse_size
 from sparsefedpp.trainer.mqtt_client import AgentConfig, DeviceAgent
 
 from .broker_flags import add_broker_flags, broker_settings, setup_logging
@@ -34,6 +35,9 @@ def add_parser(sub) -> None:
                    help="exit once the aggregator reports the federation finished")
     p.add_argument("--max-rounds", type=int, default=None,
                    help="exit after training this many rounds (and their acks)")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="memory budget of a round, e.g. 256M: picks the largest batch "
+                   "size (the announced one, then halving) that fits, refuses if none")
     p.add_argument("--check", action="store_true",
                    help="check the settings, data, kernel cache, broker, credentials "
                    "and TLS, print what is wrong and how to fix it; start no round")
@@ -55,7 +59,9 @@ def run(args) -> int:
                          ack_timeout=args.ack_timeout,
                          connect_timeout=args.connect_timeout,
                          exit_when_finished=args.exit_when_finished,
-                         max_rounds=args.max_rounds)
+                         max_rounds=args.max_rounds,
+                         max_memory=None if args.max_memory is None
+                         else parse_size(args.max_memory))
     broker = broker_settings(args, args.device_id)
     broker.check_files()
     data = load_dataset(args.data, "train")

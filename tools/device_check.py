@@ -27,8 +27,8 @@ def check_state_dir(path: str) -> tuple[bool, str]:
         probe_file.write_bytes(b"")
         probe_file.unlink()
     except OSError as e:
-        return False, f"{path} is not writable ({e.strerror}); fix: create it and give " \
-                      f"the service user write access, or pass --state"
+        return False, (f"{path} is not writable ({e.strerror}); fix: create it and "
+                       f"give the service user write access, or pass --state")
     return True, f"{path} is writable"
 
 
@@ -40,10 +40,10 @@ def check_data(spec: str) -> tuple[bool, str]:
     except SparseFedError as e:
         return False, f"{e}"
     if len(data) == 0:
-        return False, f"{spec} holds no training examples; fix: point --data at this " \
-                      f"device's shard"
-    return True, f"{len(data)} examples, {len(data.classes)} classes, images " \
-                 f"{tuple(data.images.shape[1:])} ({spec})"
+        return False, (f"{spec} holds no training examples; fix: point --data at "
+                       f"this device's shard")
+    return True, (f"{len(data)} examples, {len(data.classes)} classes, images "
+                  f"{tuple(data.images.shape[1:])} ({spec})")
 
 
 def check_kernels() -> tuple[bool | None, str]:
@@ -132,8 +132,8 @@ def run_checks(*, device_id: str, data: str, state_dir: str, settings_of,
         given = [o for o, f in (("--password-file", settings.password_file),
                                 ("--ca", settings.ca_file), ("--cert", settings.cert_file),
                                 ("--key", settings.key_file)) if f]
-        report("files", (True, f"{', '.join(given)} readable" if given else
-                         "no password or TLS files given"))
+        report("files", (True, (f"{', '.join(given)} readable" if given else
+                                "no password or TLS files given")))
         problem = probe(settings, timeout)
         if problem:
             fix = ("check --ca: it must be the CA that signed the broker's certificate"

@@ -33,6 +33,7 @@ from sparsefedpp.runtime.errors import CodecError, ConfigError, SparseFedError
 
 from .client import LocalConfig, MethodConfig, local_round
 from .data import Dataset
+from .memory_budget import plan_batch_size
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class AgentConfig:
     exit_when_finished: bool = False
     max_model_bytes: int = 256 << 20
     max_rounds: int | None = None          # stop after training this many rounds
+    max_memory: int | None = None          # bytes; picks the batch size to fit
 
     def __post_init__(self):
         protocol.check_device_id(self.device_id, ConfigError)
@@ -290,10 +292,10 @@ class DeviceAgent:
             data = self.data
             if "mean" in cfg and "std" in cfg:  # the federation's normalisation
                 data = replace(data, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
+            local = self._fit_memory(LocalConfig(**cfg["local"]), cfg["model"], data)
             logger.info("round %d: training on %d examples", rnd + 1, len(data))
-            update = local_round(net, data, MethodConfig(**cfg["method"]),
-                                 LocalConfig(**cfg["local"]), lr=float(cfg["lr"]),
-                                 seed=int(cfg["seeds"][me]))
+            update = local_round(net, data, MethodConfig(**cfg["method"]), local,
+                                 lr=float(cfg["lr"]), seed=int(cfg["seeds"][me]))
             reply = codec.Message("update", rnd, me, cfg["method"]["method"],
                                   update.tensors, update.num_examples, update.metrics)
             data_out = codec.encode(reply, cfg.get("encoding", "csr"))
@@ -304,6 +306,19 @@ class DeviceAgent:
         write_atomic(self.update_path, lambda f: f.write(data_out))
         self.rounds_trained += 1
         self._send(data_out, rnd)
+
+    def _fit_memory(self, local: LocalConfig, spec: dict, data) -> LocalConfig:
+        """The announced local settings, with a smaller batch if the memory budget
+        needs it (ConfigError, reported as an error status, if nothing fits)."""
+        if self.config.max_memory is None:
+            return local
+        batch, estimate = plan_batch_size(self.config.max_memory, local.batch_size,
+                                          spec, data)
+        if batch != local.batch_size:
+            logger.warning("memory budget %d MB: batch size %d instead of %d "
+                           "(estimated peak %d MB)", self.config.max_memory >> 20,
+                           batch, local.batch_size, estimate >> 20)
+        return replace(local, batch_size=batch)
 
     def _network(self, spec: dict):
         if spec != self._net_spec:

@@ -212,3 +212,19 @@ def test_quick_run_against_torch_computes_ratios(tmp_path):
     assert rows["peak_rss_train_mb"]["verdict"] in ("met", "missed")
     check, = [r for r in read_metrics(path) if r["event"] == "check"]
     assert check["max_abs_logit_diff"] < 1e-4
+
+
+def test_bench_memory_reports_each_phase(capsys):
+    from sparsefedpp.tools import cli
+
+    code = cli.main(["bench-memory", "--batch-sizes", "4", "--sparsities", "0",
+                     "--examples", "16", "--no-torch", "--quiet"])
+
+    out = capsys.readouterr().out
+    assert code == 0, out
+    row = next(line for line in out.splitlines() if line.startswith("| ours | 4 |"))
+    cells = [c.strip(" *") for c in row.strip("|").split("|")]
+    phases = [float(c) for c in cells[3:]]
+    assert phases[0] < phases[2] < phases[3]      # interpreter < numba < kernels
+    assert 50 < phases[-1] < 400                  # the peak, in MB
+    assert "target < 200 MB" in out

@@ -1,0 +1,77 @@
+"""Fit a local round into a device's memory budget by choosing the batch size.
+
+The peak of a round is the process's RSS before training (interpreter, NumPy,
+Numba and its kernels, the data in uint8, the model) plus what one train step
+allocates, which grows with the batch. That growth tracks the activation bytes
+a dense backward would keep: measured here for ResNet-8 (bench-memory and
+tests/trainer/test_memory_budget.py) it was 0.75-1.07x of them at batch 8-64,
+dense or at 99 % weight/activation sparsity alike (the forward still produces
+dense activations; only what is held for backward is compressed). So the
+estimate is ``rss_now + GROWTH * dense_held(B) + MARGIN`` and the largest batch
+size (the announced one, then halving) whose estimate fits is used.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+from sparsefedpp.runtime import accounting, losses, models
+from sparsefedpp.runtime.errors import ConfigError
+
+from .data import Dataset, normalize
+
+GROWTH = 1.25           # step growth over the dense held bytes (measured <= 1.07)
+MARGIN = 16 << 20       # encoding the update, allocator slack
+
+
+def parse_size(text: str) -> int:
+    """'256M', '1G', '300000k', '512MiB' or plain bytes -> bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?)(?:i?[bB])?\s*", str(text))
+    if not m:
+        raise ConfigError(f"memory size: expected a number with an optional unit k, M "
+                          f"or G (e.g. 256M), got {text!r}")
+    scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[m.group(2).lower()]
+    return int(float(m.group(1)) * scale)
+
+
+def current_rss() -> int:
+    """This process's resident set in bytes (Linux /proc)."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("VmRSS not in /proc/self/status")
+
+
+def dense_held_per_example(spec: dict, data: Dataset) -> float:
+    """Activation bytes a dense backward keeps per example, from one forward of a
+    scratch copy of the model on two examples (the real model is untouched)."""
+    scratch = models.build(spec["name"], num_classes=spec["num_classes"],
+                           width=spec["width"], alpha=spec["alpha"],
+                           in_channels=spec["in_channels"])
+    n = min(2, len(data))
+    x = normalize(np.asarray(data.images[:n]), data.mean, data.std)
+    losses.softmax_cross_entropy(scratch.forward(x, train=True), data.labels[:n])
+    return accounting.cost_report(scratch).totals["dense_held_bytes"] / n
+
+
+def plan_batch_size(budget: int, batch_size: int, spec: dict, data: Dataset, *,
+                    rss: int | None = None) -> tuple[int, int]:
+    """The largest of batch_size, batch_size/2, ..., 1 whose estimated peak fits
+    ``budget`` bytes, and that estimate; ConfigError when even 1 does not fit."""
+    rss = current_rss() if rss is None else rss
+    per_example = dense_held_per_example(spec, data)
+    b = batch_size
+    while True:
+        estimate = int(rss + GROWTH * per_example * b + MARGIN)
+        if estimate <= budget:
+            return b, estimate
+        if b == 1:
+            mb = 1 << 20
+            raise ConfigError(
+                f"memory budget: expected at least {estimate / mb:.0f} MB for a round "
+                f"at batch size 1, got --max-memory {budget / mb:.0f} MB ({rss / mb:.0f}"
+                f" MB are in use before training: interpreter, Numba kernels, data, "
+                f"model); raise --max-memory, or use a smaller model or width")
+        b = max(1, b // 2)
