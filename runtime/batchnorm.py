@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .arrays import as_f32, check_ndim
-from .errors import ConfigError, ShapeError
+from .errors import ConfigError, ShapeError, StateError
 from .kernels import norm
 from .layers import Layer, keeps_cache
 
@@ -45,7 +45,16 @@ class BatchNorm2d(Layer):
         return {"running_mean": self.running_mean, "running_var": self.running_var,
                 "num_batches_tracked": self.num_batches_tracked}
 
+    #: set by runtime.inference.freeze when this layer is folded into the conv
+    #: before it: the eval forward is then the identity
+    folded = False
+
     def forward(self, x, train, grad=None):
+        if self.folded and not keeps_cache(train, grad):
+            return x
+        if self.folded:
+            raise StateError(f"{self!r}: folded into the conv before it for inference;"
+                             f" call runtime.inference.unfreeze(model) before training")
         x = as_f32(x, f"{self!r}.forward")
         what = f"{self!r}.forward"
         check_ndim(x, 4, what, f"(N, {self.num_features}, H, W)")

@@ -131,6 +131,38 @@ class _Weighted(Layer):
         self.sparsifier: ActivationSparsifier | None = None
         self.weight_keep: float | None = None
         self.kernel = "auto"
+        self._frozen: tuple | None = None  # (w, CSR, bias) for inference, see freeze()
+
+    def freeze(self, scale: np.ndarray | None = None,
+               shift: np.ndarray | None = None) -> None:
+        """Build this layer's inference weight once (dense or CSR, as ``kernel``
+        picks), optionally folding a per-output affine map y' = scale*y + shift
+        (an eval-mode BatchNorm) into it; eval forwards then reuse it instead of
+        rebuilding the CSR from v every call. ``runtime.inference.freeze`` calls
+        this; a training forward raises until ``unfreeze()``.
+        """
+        self._frozen = None
+        w, _, m = self._forward_weight(False)
+        bias = None if self.bias is None else self.bias.astype(np.float64)
+        if scale is not None:
+            scale = np.asarray(scale, dtype=np.float64)
+            if m is None:
+                w = (w * scale.reshape((-1,) + (1,) * (w.ndim - 1))).astype(np.float32)
+            else:
+                row = np.repeat(scale, np.diff(m.indptr))
+                m = _CSR((m.data * row).astype(np.float32), m.indices, m.indptr)
+            bias = (np.zeros(len(scale)) if bias is None else bias) * scale + shift
+        self._frozen = (w, m, None if bias is None else bias.astype(np.float32))
+
+    def unfreeze(self) -> None:
+        self._frozen = None
+
+    @property
+    def frozen(self) -> bool:
+        return self._frozen is not None
+
+    def _forward_bias(self) -> np.ndarray | None:
+        return self.bias if self._frozen is None else self._frozen[2]
 
     def effective_weight(self) -> np.ndarray:
         """The weight used in the forward pass, w = v|v|^(alpha-1) (a copy if alpha>1)."""
@@ -174,6 +206,13 @@ class _Weighted(Layer):
         ``csr_of_weight``) and the dense w is formed only when a backward needs
         dw/dv; inference of a sparse model never touches the dense weights.
         """
+        if self._frozen is not None:
+            if backward:
+                raise StateError(f"{self!r}: frozen for inference (its weight may "
+                                 f"have a BatchNorm folded in); call "
+                                 f"runtime.inference.unfreeze(model) before training")
+            w, m, _ = self._frozen
+            return w, None, m
         if self.kernel not in KERNELS:
             raise ConfigError(f"{self!r}.kernel: expected one of {KERNELS}, "
                               f"got {self.kernel!r}")
@@ -280,8 +319,9 @@ class Conv2d(_Weighted):
             y = conv.conv2d_forward(x, w, s, p)
         else:
             y = csr.csr_conv2d_forward(x, m.data, m.indices, m.indptr, kshape, s, p)
-        if self.bias is not None:
-            y += self.bias[None, :, None, None]
+        bias = self._forward_bias()
+        if bias is not None:
+            y += bias[None, :, None, None]
         self._record_forward(x, y, w, dw_dv, m, self._keep_input(x, train, grad))
         return y
 
@@ -353,8 +393,9 @@ class Linear(_Weighted):
             y = x @ w.T
         else:
             y = csr.csr_linear_forward(x, m.data, m.indices, m.indptr, self.out_features)
-        if self.bias is not None:
-            y += self.bias
+        bias = self._forward_bias()
+        if bias is not None:
+            y += bias
         self._record_forward(x, y, w, dw_dv, m, self._keep_input(x, train, grad))
         return y
 

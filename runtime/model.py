@@ -99,6 +99,9 @@ class Module(Layer):
             checked[name] = src
         for name, src in checked.items():
             own[name][...] = src
+        from .inference import unfreeze  # a frozen inference copy is stale now
+
+        unfreeze(self)
 
 
 class Sequential(Module):

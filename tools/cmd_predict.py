@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numba
 import numpy as np
-from sparsefedpp.runtime import checkpoint, pruning
+from sparsefedpp.runtime import checkpoint, inference, pruning
 from sparsefedpp.runtime.errors import CheckpointError, ConfigError
 from sparsefedpp.trainer.data import Dataset, batches, load_dataset
 
@@ -138,6 +138,7 @@ def load_predictor(path, engine: str | None, threads: int) -> Predictor:
         return _session_predictor(ort_session(proto.SerializeToString(), threads), meta)
     for layer in pruning.prunable_layers(model).values():
         layer.kernel = engine  # "dense" or "csr": the layer's forward kernel
+    inference.freeze(model)  # weights built once, BatchNorm folded into the convs
     return Predictor(engine, model.in_channels, model.num_classes, meta,
                      lambda x: model.forward(x, train=False))
 

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
+from sparsefedpp.runtime import inference
 from sparsefedpp.runtime.errors import ConfigError
 from sparsefedpp.runtime.losses import softmax_cross_entropy
 from sparsefedpp.runtime.optim import SGD, lr_schedule
@@ -96,11 +97,12 @@ def evaluate(model, data: Dataset, batch_size: int = 256) -> dict[str, float]:
     """Loss and accuracy of ``model`` in eval mode (running BatchNorm statistics)."""
     total_loss = 0.0
     correct = 0
-    for x, y in batches(data, batch_size, seed=0, shuffle=False):
-        logits = model.forward(x, train=False)
-        loss, _ = softmax_cross_entropy(logits, y)
-        total_loss += loss * len(y)
-        correct += int((logits.argmax(axis=1) == y).sum())
+    with inference.frozen(model):  # weights built once, BatchNorm folded
+        for x, y in batches(data, batch_size, seed=0, shuffle=False):
+            logits = model.forward(x, train=False)
+            loss, _ = softmax_cross_entropy(logits, y)
+            total_loss += loss * len(y)
+            correct += int((logits.argmax(axis=1) == y).sum())
     n = len(data)
     return {"loss": total_loss / n, "accuracy": correct / n, "num_examples": n}
 
@@ -109,8 +111,9 @@ def per_class_accuracy(model, data: Dataset, batch_size: int = 256) -> np.ndarra
     """Accuracy per class, shape (num_classes,), for reports."""
     hits = np.zeros(len(data.classes))
     counts = np.zeros(len(data.classes))
-    for x, y in batches(data, batch_size, seed=0, shuffle=False):
-        pred = model.forward(x, train=False).argmax(axis=1)
-        np.add.at(counts, y, 1)
-        np.add.at(hits, y, pred == y)
+    with inference.frozen(model):
+        for x, y in batches(data, batch_size, seed=0, shuffle=False):
+            pred = model.forward(x, train=False).argmax(axis=1)
+            np.add.at(counts, y, 1)
+            np.add.at(hits, y, pred == y)
     return hits / np.maximum(counts, 1)
