@@ -38,5 +38,7 @@ def setup_logging(quiet: bool, debug: bool = False) -> None:
     level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: "
                         "%(message)s", force=True)
+    # paho's own chatter ("Client is not connected" on every reconnect attempt);
+    # the service and the agent log disconnects and what they do about them
     logging.getLogger("sparsefedpp.runtime.broker").setLevel(
-        logging.DEBUG if debug else logging.ERROR)  # paho's own chatter
+        logging.DEBUG if debug else logging.CRITICAL)
