@@ -307,9 +307,9 @@ class Aggregator:
             self.stop()
         return self.tensors
 
-    def _drain(self, until: float) -> None:
-        """Handle queued messages until ``until`` (monotonic) or the queue is empty
-        after it; status messages update ``online``."""
+    def _drain(self, until: float, stop: Callable[[], bool] | None = None) -> None:
+        """Handle queued messages until ``until`` (monotonic), or as soon as
+        ``stop()`` holds after a message; status messages update ``online``."""
         while True:
             try:
                 topic, payload = self._events.get(timeout=max(0.0, until -
@@ -317,7 +317,8 @@ class Aggregator:
             except queue.Empty:
                 return
             self._handle(topic, payload)
-            if time.monotonic() >= until and self._events.empty():
+            if (stop is not None and stop()) or (
+                    time.monotonic() >= until and self._events.empty()):
                 return
 
     def _available(self) -> list[str]:
@@ -429,12 +430,12 @@ class Aggregator:
     def _collect(self, deadline: float) -> None:
         """Until the deadline, or every selected device answered, or the quorum is
         met and the others have been offline for ``offline_grace``."""
-        while time.monotonic() < deadline:
-            if len(self._accepted) == len(self._selected) or (
-                    len(self._accepted) >= self.config.quorum and
-                    not self._waiting_for()):
-                return
-            self._drain(min(deadline, time.monotonic() + 0.5))
+        while time.monotonic() < deadline and not self._round_complete():
+            self._drain(min(deadline, time.monotonic() + 0.5), self._round_complete)
+
+    def _round_complete(self) -> bool:
+        return len(self._accepted) == len(self._selected) or (
+            len(self._accepted) >= self.config.quorum and not self._waiting_for())
 
     def _waiting_for(self) -> list[str]:
         """Selected devices without an accepted update that may still send one."""

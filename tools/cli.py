@@ -9,7 +9,8 @@ import sys
 from sparsefedpp.runtime.errors import SparseFedError
 
 COMMANDS = ("train", "evaluate", "simulate", "report", "bench", "bench-sparse", "cost",
-            "export", "predict", "partition", "serve", "client")
+            "export", "predict", "partition", "serve", "client", "bench-mqtt", "warmup",
+            "bench-memory")
 
 
 def build_parser() -> argparse.ArgumentParser:
