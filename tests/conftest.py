@@ -1,7 +1,8 @@
 """Shared test settings: the hypothesis profile and the CI rule for optional imports.
 
 Locally hypothesis runs 50 examples per property; under ``CI=true`` it runs 200,
-derandomized so a red build reproduces. ``deadline=None`` because the first call
+derandomized so a red build reproduces; under emulation (``SFPP_EMULATED=1``, set by
+.ci/aarch64.sh) it runs 25, derandomized. ``deadline=None`` because the first call
 of a Numba kernel compiles (or loads its cache), which would trip any deadline.
 """
 
@@ -13,10 +14,12 @@ import pytest
 from hypothesis import settings
 
 ON_CI = os.environ.get("CI") == "true"
+EMULATED = os.environ.get("SFPP_EMULATED") == "1"
 
 settings.register_profile("local", deadline=None, max_examples=50)
 settings.register_profile("ci", deadline=None, max_examples=200, derandomize=True)
-settings.load_profile("ci" if ON_CI else "local")
+settings.register_profile("emulated", deadline=None, max_examples=25, derandomize=True)
+settings.load_profile("emulated" if EMULATED else "ci" if ON_CI else "local")
 
 
 @pytest.hookimpl(hookwrapper=True)

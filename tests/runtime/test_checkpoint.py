@@ -14,6 +14,8 @@ from sparsefedpp.runtime import SGD, build, softmax_cross_entropy
 from sparsefedpp.runtime import checkpoint as ckpt
 from sparsefedpp.runtime.errors import CheckpointError
 
+pytestmark = pytest.mark.device  # part of the emulated-ARM subset (.ci/aarch64.sh)
+
 
 def trained(name="resnet8", seed=0):
     """A small model after two SGD steps (moved running stats, momentum buffers)."""

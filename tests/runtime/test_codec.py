@@ -24,6 +24,8 @@ from sparsefedpp.runtime.codec import (
 )
 from sparsefedpp.runtime.errors import CodecError, ConfigError
 
+pytestmark = pytest.mark.device  # part of the emulated-ARM subset (.ci/aarch64.sh)
+
 FLOATS = st.floats(-1e3, 1e3, width=32, allow_subnormal=False)
 
 

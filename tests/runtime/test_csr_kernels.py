@@ -16,6 +16,8 @@ from sparsefedpp.runtime.errors import ConfigError, DTypeError, ShapeError
 from sparsefedpp.runtime.kernels import conv, csr
 from sparsefedpp.runtime.sparse import to_csr
 
+pytestmark = pytest.mark.device  # part of the emulated-ARM subset (.ci/aarch64.sh)
+
 TOL = 1e-5
 ATOL = 1e-6
 

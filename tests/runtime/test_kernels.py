@@ -10,10 +10,13 @@ which cancellation would break.
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from sparsefedpp.runtime.kernels import conv, norm, pool
+
+pytestmark = pytest.mark.device  # part of the emulated-ARM subset (.ci/aarch64.sh)
 
 TOL = 1e-5
 ATOL = 1e-6

@@ -202,6 +202,7 @@ WEIGHTED = [
 ]
 
 
+@pytest.mark.device
 @pytest.mark.parametrize(("make", "in_shape"), WEIGHTED)
 def test_weighted_layer_backward_matches_fd(make, in_shape, kink_sides):
     # Arrange
@@ -234,6 +235,7 @@ PLAIN = [
 ]
 
 
+@pytest.mark.device
 @pytest.mark.parametrize(("make", "make_input", "in_shape"), PLAIN)
 def test_parameterless_layer_backward_matches_fd(make, make_input, in_shape,
                                                  kink_sides):
@@ -246,6 +248,7 @@ def test_parameterless_layer_backward_matches_fd(make, make_input, in_shape,
 
 
 # ---------------------------------------------------------------- batch norm
+@pytest.mark.device
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("in_shape", [(4, 3, 3, 3), (2, 2, 1, 2), (5, 4, 2, 1)])
 def test_batchnorm_backward_matches_fd(train, in_shape, kink_sides):
@@ -284,7 +287,8 @@ def test_basic_block_backward_matches_fd(in_planes, planes, stride, train,
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("name", ["cnn", "resnet8"])
+@pytest.mark.parametrize("name", [pytest.param("cnn", marks=pytest.mark.device),
+                                  "resnet8"])  # resnet8-train takes seconds
 def test_whole_model_backward_matches_fd(name, train, kink_sides):
     # Arrange
     model = build(name, width=0.25, seed=5)

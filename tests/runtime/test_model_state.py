@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 from sparsefedpp.runtime import ConfigError, ShapeError, build
 
+pytestmark = pytest.mark.device  # part of the emulated-ARM subset (.ci/aarch64.sh)
+
 
 @pytest.fixture(scope="module")
 def resnet18():

@@ -10,6 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from sparsefedpp.runtime import SGD, CheckpointError, ConfigError, lr_schedule
 
+pytestmark = pytest.mark.device  # part of the emulated-ARM subset (.ci/aarch64.sh)
+
 
 # ---------------------------------------------------------------- schedules
 @given(lr0=st.floats(1e-4, 1.0), ratio=st.floats(1e-4, 1.0), total=st.integers(1, 500))

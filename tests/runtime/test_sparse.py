@@ -12,6 +12,8 @@ from hypothesis.extra.numpy import arrays
 from sparsefedpp.runtime.errors import ConfigError, DTypeError, ShapeError
 from sparsefedpp.runtime.sparse import CSRMatrix, check_csr, from_csr, to_csr
 
+pytestmark = pytest.mark.device  # part of the emulated-ARM subset (.ci/aarch64.sh)
+
 
 @st.composite
 def sparse_weights(draw):

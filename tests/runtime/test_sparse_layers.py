@@ -21,6 +21,8 @@ from sparsefedpp.runtime import (
 from sparsefedpp.runtime.kernels import conv
 from sparsefedpp.runtime.sparse_activation import SparseActivations
 
+pytestmark = pytest.mark.device  # part of the emulated-ARM subset (.ci/aarch64.sh)
+
 
 def _step(model, x, y):
     model.zero_grad()

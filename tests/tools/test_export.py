@@ -85,8 +85,9 @@ def _max_diff(path: Path, model, batch: int) -> tuple[float, float]:
 
 @pytest.mark.parametrize("fold_bn", [False, True], ids=["bn", "fold"])
 @pytest.mark.parametrize("sparsity", [0.0, 0.99], ids=["dense", "s99"])
-@pytest.mark.parametrize("name,width", [("cnn", 0.5), ("resnet8", 1.0),
-                                        ("resnet18", 0.25)])
+@pytest.mark.parametrize("name,width", [
+    pytest.param("cnn", 0.5, marks=pytest.mark.device), ("resnet8", 1.0),
+    ("resnet18", 0.25)])
 def test_onnxruntime_matches_engine(tmp_path, name, width, sparsity, fold_bn):
     # Arrange: the 99 % models also go through sparse initializers
     model = _model(name, width, sparsity)
@@ -160,6 +161,7 @@ def test_metadata_and_io_signature(tmp_path):
     np.testing.assert_array_equal(init["conv1.weight"], model["conv1"].effective_weight())
 
 
+@pytest.mark.device
 def test_dense_weights_stay_dense_and_refusal_falls_back(tmp_path, monkeypatch):
     # Arrange
     model = _model("cnn", 0.5, 0.0)
@@ -178,6 +180,7 @@ def test_dense_weights_stay_dense_and_refusal_falls_back(tmp_path, monkeypatch):
     assert not onnx.load(str(tmp_path / "b.onnx")).graph.sparse_initializer
 
 
+@pytest.mark.device
 def test_fold_keeps_zeros_exact():
     # Arrange
     conv = Conv2d(2, 3, 3, bias=True, alpha=1.25, rng=np.random.default_rng(0))
@@ -190,6 +193,7 @@ def test_fold_keeps_zeros_exact():
     assert np.all(w[:, 0] == 0.0) and b.shape == (3,) and w.dtype == np.float32
 
 
+@pytest.mark.device
 def test_unknown_layer_is_a_config_error():
     class Odd(Layer):
         pass
