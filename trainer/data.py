@@ -377,10 +377,45 @@ def _npz_images(x: np.ndarray, what: str) -> np.ndarray:
     return x
 
 
+def _mapped_member(path: Path, key: str) -> np.ndarray | None:
+    """A read-only memory map of ``key``.npy inside an uncompressed .npz (what
+    np.savez writes), or None when the member is compressed or unusual: a
+    device's shard then stays on disk and only the batches it reads come in."""
+    import zipfile
+
+    from numpy.lib import format as npformat
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            info = zf.getinfo(f"{key}.npy")
+            if info.compress_type != zipfile.ZIP_STORED:
+                return None
+        with open(path, "rb") as f:
+            f.seek(info.header_offset)
+            local = f.read(30)
+            if local[:4] != b"PK\x03\x04":
+                return None
+            name_len = int.from_bytes(local[26:28], "little")
+            extra_len = int.from_bytes(local[28:30], "little")
+            f.seek(info.header_offset + 30 + name_len + extra_len)
+            version = npformat.read_magic(f)
+            read_header = (npformat.read_array_header_1_0 if version == (1, 0)
+                           else npformat.read_array_header_2_0)
+            shape, fortran, dtype = read_header(f)
+            offset = f.tell()
+        if fortran or dtype != np.uint8 or dtype.hasobject:
+            return None
+        return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+    except (OSError, KeyError, ValueError, AttributeError, zipfile.BadZipFile):
+        return None
+
+
 def load_npz(path: str | os.PathLike, split: str = "train") -> Dataset:
     """Load a split from an ``.npz`` with ``x_train, y_train, x_test, y_test``.
 
-    Images uint8 NCHW, NHWC (last dim 1 or 3 and dim 1 not) or NHW (gray);
+    Images uint8 NCHW, NHWC (last dim 1 or 3 and dim 1 not) or NHW (gray); in
+    an uncompressed .npz (np.savez, ``sparsefedpp partition``) the split's
+    images are memory-mapped, not read into memory.
     labels integer (N,) or (N, 1). An optional ``classes`` string array names
     the classes, else ``"0".."K-1"`` with K = max label + 1 over both splits.
     Returns images uint8 (N, C, H, W) and labels int64 (N,).
@@ -394,9 +429,12 @@ def load_npz(path: str | os.PathLike, split: str = "train") -> Dataset:
         with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as f:
             if set(keys) - set(f.files):
                 raise _err(f"npz file {path}", ", ".join(keys), sorted(f.files), NPZ_FIX)
-            x_train = _npz_images(f["x_train"], f"npz file {path} key x_train")
-            x = x_train if split == "train" else _npz_images(
-                f["x_test"], f"npz file {path} key x_test")
+            key = f"x_{split}"
+            mapped = _mapped_member(path, key)
+            x = _npz_images(f[key] if mapped is None else mapped,
+                            f"npz file {path} key {key}")
+            x_train = x if split == "train" else _npz_images(
+                f["x_train"], f"npz file {path} key x_train")
             ys = [_int_labels(f["y_train"]), _int_labels(f["y_test"])]
             classes = tuple(map(str, f["classes"])) if "classes" in f.files else None
     except DataError:

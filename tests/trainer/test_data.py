@@ -458,3 +458,19 @@ def test_dataset_subset_and_len():
     assert len(sub) == 2 and sub.labels.tolist() == [3, 1]
     assert sub.images[0, 0, 0, 0] == 3 and sub.mean == ds.mean
     assert ds.subset(ds.labels % 2 == 0).labels.tolist() == [0, 2, 4, 6, 8]
+
+
+@pytest.mark.parametrize("save, mapped", [(np.savez, True),
+                                          (np.savez_compressed, False)])
+def test_npz_images_are_memory_mapped_when_stored_uncompressed(tmp_path, save, mapped):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (6, 3, 8, 8), dtype=np.uint8)
+    path = tmp_path / "shard.npz"
+    save(path, x_train=x, y_train=np.arange(6) % 3, x_test=x[:2], y_test=np.arange(2))
+
+    train, test = D.load_npz(path, "train"), D.load_npz(path, "test")
+
+    assert isinstance(train.images, np.memmap) == mapped
+    np.testing.assert_array_equal(train.images, x)
+    np.testing.assert_array_equal(test.images, x[:2])
+    np.testing.assert_array_equal(train.subset([4, 1]).images, x[[4, 1]])
