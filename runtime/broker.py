@@ -12,6 +12,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -87,15 +88,17 @@ class BrokerSettings:
                               f"connection; use mqtts://")
 
 
-def make_client(settings: BrokerSettings, client_id: str, *, will_topic: str,
-                will_payload: bytes):
-    """A paho MQTT 5 client with credentials, TLS, a retained QoS 1 last will and
-    reconnect backoff set; not yet connected (see ``connect``)."""
+def make_client(settings: BrokerSettings, client_id: str, *,
+                will_topic: str | None = None, will_payload: bytes = b"",
+                reconnect: bool = True):
+    """A paho MQTT 5 client with credentials and TLS set, a retained QoS 1 last
+    will when ``will_topic`` is given, and reconnect backoff (or, with
+    ``reconnect=False``, none: a one-off check); not yet connected."""
     import paho.mqtt.client as mqtt
 
     settings.check_files()
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
-                         protocol=mqtt.MQTTv5)
+                         protocol=mqtt.MQTTv5, reconnect_on_failure=reconnect)
     if settings.username is not None:
         client.username_pw_set(settings.username, settings.password())
     if settings.tls:
@@ -103,7 +106,8 @@ def make_client(settings: BrokerSettings, client_id: str, *, will_topic: str,
                        keyfile=settings.key_file, cert_reqs=ssl.CERT_REQUIRED,
                        tls_version=ssl.PROTOCOL_TLS_CLIENT)
     client.enable_logger(logger)
-    client.will_set(will_topic, will_payload, qos=1, retain=True)
+    if will_topic is not None:
+        client.will_set(will_topic, will_payload, qos=1, retain=True)
     client.reconnect_delay_set(settings.reconnect_min, settings.reconnect_max)
     return client
 
@@ -177,8 +181,6 @@ def publish_confirmed(client, connected: threading.Event, topic: str, payload: b
     A publish cut by a lost connection is sent again after the reconnect (the
     receiver ignores duplicates); no PUBACK within ``timeout`` is a TransportError.
     """
-    import time
-
     deadline = time.monotonic() + timeout
     while (left := deadline - time.monotonic()) > 0:
         if not connected.wait(left):

@@ -138,31 +138,39 @@ class RoundOutcome:
     eval: dict = field(default_factory=dict)
 
 
-def update_problem(msg: codec.Message, reference: Tensors, *, max_examples: int,
-                   max_norm: float | None) -> str:
-    """Why a decoded update cannot be averaged into ``reference`` ('' if it can):
-    names, shapes, dtypes, finite values, the example count and the L2 norm of
-    the change against the global model."""
-    if set(msg.tensors) != set(reference):
-        missing = sorted(set(reference) - set(msg.tensors))[:3]
-        extra = sorted(set(msg.tensors) - set(reference))[:3]
+def tensors_problem(tensors: Tensors, reference: Tensors) -> str:
+    """Why ``tensors`` cannot stand in for ``reference`` ('' if they can): names,
+    shapes, dtypes and finite values."""
+    if set(tensors) != set(reference):
+        missing = sorted(set(reference) - set(tensors))[:3]
+        extra = sorted(set(tensors) - set(reference))[:3]
         return f"tensor names differ from the model's (missing {missing}, extra {extra})"
-    n = msg.num_examples
-    if not 1 <= n <= max_examples:
-        return f"num_examples: expected 1 to {max_examples}, got {n}"
-    sq = 0.0
     for name, ref in reference.items():
-        arr = msg.tensors[name]
+        arr = tensors[name]
         if arr.shape != ref.shape or arr.dtype != ref.dtype:
             return (f"tensor {name!r}: expected {ref.dtype} {ref.shape}, got {arr.dtype} "
                     f"{arr.shape}")
-        if arr.dtype.kind == "f":
-            if not np.isfinite(arr).all():
-                return f"tensor {name!r} holds NaN or inf"
-            if max_norm is not None:
-                sq += float(np.sum((arr.astype(np.float64) - ref) ** 2))
-    if max_norm is not None and math.sqrt(sq) > max_norm:
-        return f"update norm {math.sqrt(sq):.4g} exceeds max_update_norm {max_norm:g}"
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            return f"tensor {name!r} holds NaN or inf"
+    return ""
+
+
+def update_problem(msg: codec.Message, reference: Tensors, *, max_examples: int,
+                   max_norm: float | None) -> str:
+    """Why a decoded update cannot be averaged into ``reference`` ('' if it can):
+    the tensors (``tensors_problem``), the example count and the L2 norm of the
+    change against the global model."""
+    problem = tensors_problem(msg.tensors, reference)
+    if problem:
+        return problem
+    n = msg.num_examples
+    if not 1 <= n <= max_examples:
+        return f"num_examples: expected 1 to {max_examples}, got {n}"
+    if max_norm is not None:
+        sq = sum(float(np.sum((msg.tensors[k].astype(np.float64) - ref) ** 2))
+                 for k, ref in reference.items() if ref.dtype.kind == "f")
+        if math.sqrt(sq) > max_norm:
+            return f"update norm {math.sqrt(sq):.4g} exceeds max_update_norm {max_norm:g}"
     return ""
 
 
@@ -225,8 +233,8 @@ class Aggregator:
             raise ConfigError(f"federation state {self.state_path}: written for another "
                               f"configuration (saved {saved}, now {self.fingerprint}); "
                               f"use another state folder to start a new federation")
-        problem = update_problem(msg, self.tensors, max_examples=2**62, max_norm=None)
-        if problem and "num_examples" not in problem:
+        problem = tensors_problem(msg.tensors, self.tensors)
+        if problem:
             raise StateError(f"federation state {self.state_path}: {problem}")
         self.tensors = dict(msg.tensors)
         self.next_round = int(msg.meta["next_round"])
@@ -513,6 +521,7 @@ class Aggregator:
             self._offline_since.pop(device, None)
         else:
             self._offline_since.setdefault(device, time.monotonic())
+            self._reassembler.forget(device)  # its unfinished upload will be re-sent
 
     def _on_update(self, device: str, payload: bytes) -> None:
         rnd = self._round if self._round is not None else self.next_round

@@ -15,13 +15,12 @@ import argparse
 import json
 import sys
 
+from .bench_worker import proc_status_mb  # standard library only at its top
+
 
 def rss_mb(key: str = "VmRSS") -> float:
-    with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return round(int(line.split()[1]) / 1024.0, 1)
-    return float("nan")
+    mb = proc_status_mb(key)
+    return float("nan") if mb is None else round(mb, 1)
 
 
 def ours(args, phases: dict) -> None:

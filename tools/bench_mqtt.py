@@ -46,6 +46,8 @@ from pathlib import Path
 import numpy as np
 from sparsefedpp.runtime.errors import ConfigError, SparseFedError, TransportError
 
+from .cmd_serve import config_toml
+
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 HOST = "127.0.0.1"
 PREFIX = "sfpp"
@@ -145,16 +147,6 @@ def percentile(values, q: float) -> float:
     (with fewer than 100 / (100 - q) values, p95 is the maximum)."""
     ordered = sorted(values)
     return float(ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)])
-
-
-def _toml(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    return repr(value)
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -481,9 +473,7 @@ def _write_config(path: Path, cfg: MqttBenchConfig, data: str, devices: list[str
     dep = {"devices": devices, "state_dir": str(state_dir),
            "round_timeout": cfg.round_timeout, "device_grace": cfg.timeout,
            "offline_grace": 10.0, "publish_timeout": 120.0}
-    lines = ["[federation]", *(f"{k} = {_toml(v)}" for k, v in fed.items()),
-             "", "[deployment]", *(f"{k} = {_toml(v)}" for k, v in dep.items())]
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(config_toml(fed, dep))
 
 
 def _read_events(path: Path) -> list[dict]:

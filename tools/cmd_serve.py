@@ -10,6 +10,7 @@ on_no_quorum, ...). docs/protocol.md has an example.
 
 from __future__ import annotations
 
+import json
 import tomllib
 from dataclasses import fields
 from pathlib import Path
@@ -85,6 +86,23 @@ def load_config(path: str, state: str | None = None,
         raise ConfigError(f"--config {path}: per_round {sim.per_round} exceeds the "
                           f"{len(service.devices)} registered devices")
     return sim, service
+
+
+def config_toml(federation: dict, deployment: dict) -> str:
+    """The federation TOML file that ``load_config`` reads (flat tables of strings,
+    numbers, booleans and lists)."""
+    def value(v) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return json.dumps(v)  # a JSON string is a valid TOML basic string
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return repr(v)
+
+    lines = ["[federation]", *(f"{k} = {value(v)}" for k, v in federation.items()),
+             "", "[deployment]", *(f"{k} = {value(v)}" for k, v in deployment.items())]
+    return "\n".join(lines) + "\n"
 
 
 def build_aggregator(sim: SimConfig, service: ServiceConfig, broker, emit=None):

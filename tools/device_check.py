@@ -12,7 +12,7 @@ import os
 import threading
 from pathlib import Path
 
-from sparsefedpp.runtime.broker import BrokerSettings, probe
+from sparsefedpp.runtime.broker import BrokerSettings, make_client, probe
 from sparsefedpp.runtime.errors import SparseFedError
 
 
@@ -63,8 +63,6 @@ def check_login(settings: BrokerSettings, device_id: str,
                 timeout: float) -> tuple[bool, str]:
     """Log in once under a throwaway client id (the agent's durable session is
     left alone) and report the broker's answer."""
-    import paho.mqtt.client as mqtt
-
     done = threading.Event()
     answer: list = []
 
@@ -72,14 +70,7 @@ def check_login(settings: BrokerSettings, device_id: str,
         answer.append(reason_code)
         done.set()
 
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
-                         client_id=f"sfpp-check-{device_id}", protocol=mqtt.MQTTv5,
-                         reconnect_on_failure=False)
-    if settings.username is not None:
-        client.username_pw_set(settings.username, settings.password())
-    if settings.tls:
-        client.tls_set(ca_certs=settings.ca_file, certfile=settings.cert_file,
-                       keyfile=settings.key_file)
+    client = make_client(settings, f"sfpp-check-{device_id}", reconnect=False)
     client.on_connect = on_connect
     try:
         client.connect(settings.host, settings.port, keepalive=10)

@@ -20,6 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 from sparsefedpp.runtime import pruning
 from sparsefedpp.runtime.batchnorm import BatchNorm2d
 from sparsefedpp.runtime.errors import ConfigError
+from sparsefedpp.runtime.inference import bn_scale_shift
 from sparsefedpp.runtime.layers import Conv2d, Flatten, Layer, Linear, ReLU
 from sparsefedpp.runtime.model import BasicBlock, Sequential
 from sparsefedpp.runtime.pooling import GlobalAvgPool2d, MaxPool2d
@@ -162,19 +163,17 @@ def _join(prefix: str, name: str) -> str:
 def fold_conv_bn(conv: Conv2d, bn: BatchNorm2d | None):
     """Effective conv weight and bias, with an eval-mode BatchNorm folded in.
 
-    Returns (w (O, C, kh, kw) f4, b (O,) f4 or None). With ``bn``:
-    s = gamma / sqrt(running_var + eps), w' = w * s[o], b' = (b - mean) * s + beta,
-    computed in float64; zeros of w stay exactly zero.
+    Returns (w (O, C, kh, kw) f4, b (O,) f4 or None). With ``bn``, the same fold as
+    the engine's frozen inference (``runtime.inference.bn_scale_shift``):
+    w' = w * s[o], b' = b * s + t, computed in float64; zeros of w stay zero.
     """
     w = conv.effective_weight()
     if bn is None:
         return w, conv.bias
-    scale = bn.weight.astype(np.float64) / np.sqrt(
-        bn.running_var.astype(np.float64) + bn.eps)
+    scale, shift = bn_scale_shift(bn)
     bias = np.zeros(w.shape[0]) if conv.bias is None else conv.bias.astype(np.float64)
     folded_w = (w.astype(np.float64) * scale[:, None, None, None]).astype(np.float32)
-    folded_b = (bias - bn.running_mean) * scale + bn.bias
-    return folded_w, folded_b.astype(np.float32)
+    return folded_w, (bias * scale + shift).astype(np.float32)
 
 
 def metadata(model, meta: dict, *, fold_bn: bool) -> dict[str, str]:

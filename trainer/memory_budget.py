@@ -13,13 +13,14 @@ size (the announced one, then halving) whose estimate fits is used.
 
 from __future__ import annotations
 
+import functools
 import re
 
 import numpy as np
-from sparsefedpp.runtime import accounting, losses, models
+from sparsefedpp.runtime import accounting, models
 from sparsefedpp.runtime.errors import ConfigError
 
-from .data import Dataset, normalize
+from .data import Dataset
 
 GROWTH = 1.25           # step growth over the dense held bytes (measured <= 1.07)
 MARGIN = 16 << 20       # encoding the update, allocator slack
@@ -44,16 +45,19 @@ def current_rss() -> int:
     raise OSError("VmRSS not in /proc/self/status")
 
 
-def dense_held_per_example(spec: dict, data: Dataset) -> float:
-    """Activation bytes a dense backward keeps per example, from one forward of a
-    scratch copy of the model on two examples (the real model is untouched)."""
-    scratch = models.build(spec["name"], num_classes=spec["num_classes"],
-                           width=spec["width"], alpha=spec["alpha"],
-                           in_channels=spec["in_channels"])
-    n = min(2, len(data))
-    x = normalize(np.asarray(data.images[:n]), data.mean, data.std)
-    losses.softmax_cross_entropy(scratch.forward(x, train=True), data.labels[:n])
-    return accounting.cost_report(scratch).totals["dense_held_bytes"] / n
+def dense_held_per_example(spec: dict, image_shape: tuple) -> float:
+    """Activation bytes a dense backward keeps per example (they depend on shapes
+    only): one forward of a scratch model on two blank images, once per model."""
+    return _held_per_example(spec["name"], spec["num_classes"], spec["width"],
+                             spec["alpha"], spec["in_channels"], tuple(image_shape))
+
+
+@functools.lru_cache(maxsize=8)
+def _held_per_example(name, num_classes, width, alpha, in_channels, image_shape):
+    scratch = models.build(name, num_classes=num_classes, width=width, alpha=alpha,
+                           in_channels=in_channels)
+    scratch.forward(np.zeros((2, *image_shape), dtype=np.float32), train=True)
+    return accounting.cost_report(scratch).totals["dense_held_bytes"] / 2
 
 
 def plan_batch_size(budget: int, batch_size: int, spec: dict, data: Dataset, *,
@@ -61,7 +65,7 @@ def plan_batch_size(budget: int, batch_size: int, spec: dict, data: Dataset, *,
     """The largest of batch_size, batch_size/2, ..., 1 whose estimated peak fits
     ``budget`` bytes, and that estimate; ConfigError when even 1 does not fit."""
     rss = current_rss() if rss is None else rss
-    per_example = dense_held_per_example(spec, data)
+    per_example = dense_held_per_example(spec, data.images.shape[1:])
     b = batch_size
     while True:
         estimate = int(rss + GROWTH * per_example * b + MARGIN)

@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 UPDATE_FILE = "update.sfpp"
 STATE_FILE = "agent.json"
+CONNECTED = "\0connected"  # a queue event, never a topic (MQTT forbids NUL)
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,7 @@ class DeviceAgent:
         self._acked = self._load_state().get("acked", [-1, ""])
         self._finished = False
         self._handled: tuple | None = None
+        self._stored = self._read_stored()   # (round, encoded update) kept on disk
 
     # ---------------------------------------------------------------- local state
     @property
@@ -107,8 +109,9 @@ class DeviceAgent:
         data = json.dumps({"acked": self._acked}).encode()
         write_atomic(self.state_dir / STATE_FILE, lambda f: f.write(data))
 
-    def _stored_update(self) -> tuple[int, bytes] | None:
-        """(round, bytes) of the update on disk, or None (a corrupt file is dropped)."""
+    def _read_stored(self) -> tuple[int, bytes] | None:
+        """(round, bytes) of the update left on disk by an earlier run, or None (a
+        corrupt file is dropped). Read once; ``_stored`` keeps it in memory."""
         try:
             data = self.update_path.read_bytes()
         except OSError:
@@ -120,6 +123,17 @@ class DeviceAgent:
                            self.update_path, e)
             self.update_path.unlink(missing_ok=True)
             return None
+
+    def _store(self, rnd: int, data: bytes) -> None:
+        write_atomic(self.update_path, lambda f: f.write(data))
+        self._stored = (rnd, data)
+
+    def _drop_stored(self) -> None:
+        self.update_path.unlink(missing_ok=True)
+        self._stored = None
+
+    def _stored_round(self) -> int | None:
+        return None if self._stored is None else self._stored[0]
 
     # ---------------------------------------------------------------- broker
     def _on_connect(self, client, userdata, flags, reason_code, properties):
@@ -133,7 +147,7 @@ class DeviceAgent:
         client.publish(t.status(self.config.device_id),
                        protocol.control("status", state="online"), qos=1, retain=True)
         self._connected.set()
-        self._events.put(("connected", b""))
+        self._events.put((CONNECTED, b""))
         logger.info("connected to %s", self.broker.url)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
@@ -189,10 +203,6 @@ class DeviceAgent:
             return True
         return self._finished
 
-    def _stored_round(self) -> int | None:
-        stored = self._stored_update()
-        return None if stored is None else stored[0]
-
     def _handle(self, topic: str, payload: bytes) -> None:
         t = self.topics
         try:
@@ -204,7 +214,7 @@ class DeviceAgent:
                 self._on_ack(protocol.parse_control(payload, "ack"))
             elif topic == t.server:
                 self._on_server(payload)
-            elif topic == "connected":
+            elif topic == CONNECTED:
                 self._resume_round()
         except protocol.ProtocolError as e:
             logger.warning("ignored a bad message on %s: %s", topic, e)
@@ -239,9 +249,9 @@ class DeviceAgent:
             return
         self._handled, self._round = key, ann
         me = self.config.device_id
-        stored = self._stored_update()
+        stored = self._stored
         if stored is not None and stored[0] < ann["round"]:
-            self.update_path.unlink(missing_ok=True)  # a later round: drop the old one
+            self._drop_stored()  # a later round: the old update is of no use now
             stored = None
         if me not in ann["selected"]:
             self._unsubscribe_model()
@@ -273,7 +283,7 @@ class DeviceAgent:
         self._model = model
         self._unsubscribe_model()
         ann = self._round
-        stored = self._stored_update()
+        stored = self._stored
         if self.config.device_id in ann["selected"] and (
                 stored is None or stored[0] != ann["round"]):
             self._train(model)
@@ -303,7 +313,7 @@ class DeviceAgent:
             logger.error("round %d: cannot train: %s", rnd + 1, e)
             self._status("error", rnd, str(e))
             return
-        write_atomic(self.update_path, lambda f: f.write(data_out))
+        self._store(rnd, data_out)
         self.rounds_trained += 1
         self._send(data_out, rnd)
 
@@ -343,7 +353,7 @@ class DeviceAgent:
         """Re-send a stored, unacknowledged update of the current round."""
         if self._round is None or not self._connected.is_set():
             return
-        stored = self._stored_update()
+        stored = self._stored
         if stored is None or stored[0] != self._round["round"] or \
                 self._acked[0] == stored[0]:
             return

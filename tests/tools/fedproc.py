@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from sparsefedpp.runtime import codec
 from sparsefedpp.tools import cli
+from sparsefedpp.tools.cmd_serve import config_toml
 from sparsefedpp.tools.metrics import read_metrics
 from sparsefedpp.tools.simulate import SimConfig, Simulation
 
@@ -47,20 +48,8 @@ def write_config(path: Path, devices: list[str], *, rounds: int, per_round: int,
     dep = dict(devices=devices, state_dir=str(path.parent / "aggregator"),
                round_timeout=60, device_grace=30, offline_grace=2, publish_timeout=60)
     dep.update(deployment)
-    lines = ["[federation]"] + [f"{k} = {_toml(v)}" for k, v in fed.items()]
-    lines += ["", "[deployment]"] + [f"{k} = {_toml(v)}" for k, v in dep.items()]
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(config_toml(fed, dep))
     return path
-
-
-def _toml(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    return repr(value)
 
 
 def simulate(rounds: int, clients: int, per_round: int, min_clients: int) -> dict:
