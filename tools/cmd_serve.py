@@ -19,7 +19,6 @@ import numpy as np
 from sparsefedpp.runtime.errors import ConfigError
 from sparsefedpp.server.mqtt_service import Aggregator, ServiceConfig
 from sparsefedpp.trainer.data import load_dataset
-from sparsefedpp.trainer.local import evaluate
 
 from .broker_flags import add_broker_flags, broker_settings, setup_logging
 from .cmd_train import add_common
@@ -110,11 +109,7 @@ def build_aggregator(sim: SimConfig, service: ServiceConfig, broker, emit=None):
     if sim.test_limit is not None:
         test = test.subset(np.arange(min(sim.test_limit, len(test))))
 
-    def evaluate_tensors(tensors):
-        model.load_state_dict(tensors)
-        return evaluate(model, test)
-
-    model, strategy = server_side(sim, test, evaluate_tensors)
+    model, strategy, evaluate_tensors = server_side(sim, test)
     fingerprint = {k: v for k, v in config_dict(sim).items()
                    if k not in NOT_IN_FINGERPRINT and k not in SIMULATION_ONLY}
     return Aggregator(service, strategy, model.state_dict(), broker=broker,

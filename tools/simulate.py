@@ -190,7 +190,7 @@ class Simulation:
                                                                seed=c.seed)
         self.parts = parts
         self.skew = partition.label_skew(parts, train.labels, len(train.classes))
-        self.eval_model, self.strategy = server_side(c, test, self.evaluate_tensors)
+        self.eval_model, self.strategy, self.evaluate_tensors = server_side(c, test)
         self.global_tensors = {k: v.copy() for k, v in self.eval_model.state_dict().items()}
         self.client_ids = [str(i) for i in range(c.clients)]
         self._pool = None
@@ -205,11 +205,6 @@ class Simulation:
         """The current global model as a Model (for checkpoints and export)."""
         self.eval_model.load_state_dict(self.global_tensors)
         return self.eval_model
-
-    def evaluate_tensors(self, tensors: dict[str, np.ndarray]) -> dict:
-        """Test loss and accuracy of a global model given as tensors."""
-        self.eval_model.load_state_dict(tensors)
-        return evaluate(self.eval_model, self.test)
 
     def run_round(self, rnd: int) -> RoundRecord:
         c = self.config
@@ -271,18 +266,24 @@ def client_parts(train: Dataset, clients: int, lda_alpha: float | None, *,
     return partition.dirichlet(train.labels, clients, lda_alpha, seed=seed)
 
 
-def server_side(c: SimConfig, test: Dataset, evaluate_fn):
-    """The aggregator's model (initial global weights, seeded) and its FedAvg
-    strategy, as the simulation and ``sparsefedpp serve`` both build them."""
+def server_side(c: SimConfig, test: Dataset):
+    """The aggregator's model (initial global weights, seeded), its FedAvg strategy
+    and ``evaluate_fn(tensors)`` (test loss and accuracy of a global model, on
+    that model), as the simulation and ``sparsefedpp serve`` both build them."""
     model = models.build(c.model, num_classes=len(test.classes), width=c.width,
                          alpha=c.model_alpha, in_channels=test.images.shape[1],
                          seed=c.seed)
+
+    def evaluate_fn(tensors: dict[str, np.ndarray]) -> dict:
+        model.load_state_dict(tensors)
+        return evaluate(model, test)
+
     prune_to = c.method_config.sparsity if c.method != "fedavg" else None
     strategy = FedAvg(per_round=c.per_round, min_clients=c.min_clients, seed=c.seed,
                       prune_to=prune_to or None, prune_scope=c.method_config.prune_scope,
                       prune_model=model, evaluate_fn=evaluate_fn,
                       eval_sparsities=tuple(c.eval_sparsities))
-    return model, strategy
+    return model, strategy, evaluate_fn
 
 
 def device_round_config(c: SimConfig, rnd: int, test: Dataset) -> dict:
