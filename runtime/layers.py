@@ -132,6 +132,7 @@ class _Weighted(Layer):
         self.weight_keep: float | None = None
         self.kernel = "auto"
         self._frozen: tuple | None = None  # (w, CSR, bias) for inference, see freeze()
+        self._frozen_macs: tuple = (None, 0)  # (input shape, MACs) while frozen
 
     def freeze(self, scale: np.ndarray | None = None,
                shift: np.ndarray | None = None) -> None:
@@ -141,7 +142,7 @@ class _Weighted(Layer):
         rebuilding the CSR from v every call. ``runtime.inference.freeze`` calls
         this; a training forward raises until ``unfreeze()``.
         """
-        self._frozen = None
+        self._frozen, self._frozen_macs = None, (None, 0)
         w, _, m = self._forward_weight(False)
         bias = None if self.bias is None else self.bias.astype(np.float64)
         if scale is not None:
@@ -155,7 +156,7 @@ class _Weighted(Layer):
         self._frozen = (w, m, None if bias is None else bias.astype(np.float32))
 
     def unfreeze(self) -> None:
-        self._frozen = None
+        self._frozen, self._frozen_macs = None, (None, 0)
 
     @property
     def frozen(self) -> bool:
@@ -260,9 +261,13 @@ class _Weighted(Layer):
         if m is None:
             self.cost.macs_forward = dense
         elif y.ndim == 4:  # the valid taps of the nonzeros (kernels/csr.py)
-            self.cost.macs_forward = csr.csr_conv2d_macs(
-                m.indices, m.indptr, self.weight.shape, x.shape, self.stride,
-                self.padding, x.shape[0])
+            frozen = self._frozen is not None
+            if not (frozen and self._frozen_macs[0] == x.shape):
+                macs = csr.csr_conv2d_macs(m.indices, m.indptr, self.weight.shape,
+                                           x.shape, self.stride, self.padding,
+                                           x.shape[0])
+                self._frozen_macs = (x.shape if frozen else None, macs)
+            self.cost.macs_forward = self._frozen_macs[1]
         else:
             self.cost.macs_forward = x.shape[0] * m.nnz
         self.cost.kernel = "dense" if m is None else "csr"

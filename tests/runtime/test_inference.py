@@ -81,3 +81,19 @@ def test_frozen_context_restores_the_trainable_model():
     with inference.frozen(model):
         model.forward(x, train=False)
     model.forward(x, train=True)   # no StateError
+
+
+def test_frozen_forwards_report_the_same_macs():
+    from sparsefedpp.runtime import accounting
+
+    model = _trained_like("resnet8", 0.99, width=0.5)
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    model.forward(x, train=False)
+    want = accounting.cost_report(model).totals["macs_forward"]
+
+    inference.freeze(model)
+    for batch in (x, x[:1], x):   # the cached count follows the input shape
+        model.forward(batch, train=False)
+    model.forward(x, train=False)
+
+    assert accounting.cost_report(model).totals["macs_forward"] == want
