@@ -7,7 +7,21 @@ import numpy as np
 from .errors import DTypeError, ShapeError
 
 
-def as_f32(x, name: str) -> np.ndarray:
+class Where:
+    """``"<layer repr>.<method>"`` for an error message, formatted only when one is
+    raised: building it on every call cost two reprs per layer and forward (about
+    60 us of a 3.5 ms ResNet-18 inference)."""
+
+    __slots__ = ("owner", "method")
+
+    def __init__(self, owner: object, method: str):
+        self.owner, self.method = owner, method
+
+    def __str__(self) -> str:
+        return f"{self.owner!r}.{self.method}"
+
+
+def as_f32(x, name: str | Where) -> np.ndarray:
     """Return ``x`` as a C-contiguous float32 array (no copy when it already is).
 
     Integer and float64 inputs are converted; anything that is not numeric raises.
@@ -18,7 +32,7 @@ def as_f32(x, name: str) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.float32)
 
 
-def check_ndim(x: np.ndarray, ndim: int, what: str, layout: str) -> None:
+def check_ndim(x: np.ndarray, ndim: int, what: str | Where, layout: str) -> None:
     """Raise ShapeError unless ``x`` has ``ndim`` dimensions (``layout`` names them)."""
     if x.ndim != ndim:
         raise ShapeError(f"{what}: expected x of shape {layout}, got {tuple(x.shape)}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .arrays import as_f32, check_ndim
+from .arrays import Where, as_f32, check_ndim
 from .errors import ConfigError, ShapeError, StateError
 from .kernels import norm
 from .layers import Layer, keeps_cache
@@ -55,8 +55,8 @@ class BatchNorm2d(Layer):
         if self.folded:
             raise StateError(f"{self!r}: folded into the conv before it for inference;"
                              f" call runtime.inference.unfreeze(model) before training")
-        x = as_f32(x, f"{self!r}.forward")
-        what = f"{self!r}.forward"
+        x = as_f32(x, Where(self, "forward"))
+        what = Where(self, "forward")
         check_ndim(x, 4, what, f"(N, {self.num_features}, H, W)")
         if x.shape[1] != self.num_features:
             raise ShapeError(f"{what}: expected x of shape (N, {self.num_features}, H, W)"
@@ -91,7 +91,7 @@ class BatchNorm2d(Layer):
 
     def backward(self, grad_out):
         xhat, invstd, used_batch_stats = self._take_cache()
-        g = np.ascontiguousarray(as_f32(grad_out, f"{self!r}.backward"))
+        g = np.ascontiguousarray(as_f32(grad_out, Where(self, "backward")))
         if g.shape != xhat.shape:
             raise ShapeError(f"{self!r}.backward: expected grad_out of shape "
                              f"{xhat.shape}, got {tuple(g.shape)}")

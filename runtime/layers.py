@@ -16,7 +16,7 @@ import numpy as np
 
 from . import powerprop
 from .accounting import LayerCost, nbytes_of
-from .arrays import as_f32, check_ndim
+from .arrays import Where, as_f32, check_ndim
 from .errors import ConfigError, ShapeError, StateError
 from .kernels import activation, conv, csr
 from .sparse_activation import ActivationSparsifier, SparseActivations
@@ -44,6 +44,12 @@ class Layer:
 
     def children(self) -> dict[str, Layer]:
         return {}
+
+    def chains(self) -> list[list[Layer]]:
+        """Runs of children whose forward is exactly one after the other, each
+        taking the previous one's output alone (where freezing may fold a
+        BatchNorm or fuse a ReLU into the conv before it); none by default."""
+        return []
 
     def zero_grad(self) -> None:
         for g in self.grads().values():
@@ -133,16 +139,20 @@ class _Weighted(Layer):
         self.kernel = "auto"
         self._frozen: tuple | None = None  # (w, CSR, bias) for inference, see freeze()
         self._frozen_macs: tuple = (None, 0)  # (input shape, MACs) while frozen
+        self._frozen_plans: dict = {}  # input shape -> CSR forward plan while frozen
+        self._fused_relu = False  # frozen with the ReLU after it applied here
 
     def freeze(self, scale: np.ndarray | None = None,
-               shift: np.ndarray | None = None) -> None:
+               shift: np.ndarray | None = None, relu: bool = False) -> None:
         """Build this layer's inference weight once (dense or CSR, as ``kernel``
         picks), optionally folding a per-output affine map y' = scale*y + shift
-        (an eval-mode BatchNorm) into it; eval forwards then reuse it instead of
+        (an eval-mode BatchNorm) into it and, with ``relu``, the ReLU after it
+        (applied as the output is written); eval forwards then reuse it instead of
         rebuilding the CSR from v every call. ``runtime.inference.freeze`` calls
         this; a training forward raises until ``unfreeze()``.
         """
-        self._frozen, self._frozen_macs = None, (None, 0)
+        self.unfreeze()
+        self._fused_relu = bool(relu)
         w, _, m = self._forward_weight(False)
         bias = None if self.bias is None else self.bias.astype(np.float64)
         if scale is not None:
@@ -156,7 +166,21 @@ class _Weighted(Layer):
         self._frozen = (w, m, None if bias is None else bias.astype(np.float32))
 
     def unfreeze(self) -> None:
-        self._frozen, self._frozen_macs = None, (None, 0)
+        self._frozen, self._frozen_macs, self._frozen_plans = None, (None, 0), {}
+        self._fused_relu = False
+
+    def _frozen_plan(self, x: np.ndarray, m) -> csr.ConvForwardPlan:
+        """The CSR forward plan of the frozen weight for x's shape, built once (a
+        Linear runs as a 1x1 conv of 1x1 images: x (N, I, 1, 1))."""
+        plan = self._frozen_plans.get(x.shape)
+        if plan is None:
+            if len(self._frozen_plans) >= 8:  # many shapes seen: keep the latest
+                self._frozen_plans.clear()
+            kshape = self.weight.shape + (1,) * (4 - self.weight.ndim)
+            plan = self._frozen_plans[x.shape] = csr.plan_conv2d_forward(
+                m.data, m.indices, m.indptr, kshape, x.shape,
+                getattr(self, "stride", 1), getattr(self, "padding", 0))
+        return plan
 
     @property
     def frozen(self) -> bool:
@@ -308,8 +332,8 @@ class Conv2d(_Weighted):
                          bias, alpha, rng)
 
     def forward(self, x, train, grad=None):
-        x = as_f32(x, f"{self!r}.forward")
-        what = f"{self!r}.forward"
+        x = as_f32(x, Where(self, "forward"))
+        what = Where(self, "forward")
         check_ndim(x, 4, what, f"(N, {self.in_channels}, H, W)")
         if x.shape[1] != self.in_channels:
             raise ShapeError(f"{what}: expected x of shape (N, {self.in_channels}, H, W),"
@@ -319,21 +343,26 @@ class Conv2d(_Weighted):
             raise ShapeError(f"{what}: expected an image of at least {k - 2 * p}x"
                              f"{k - 2 * p} pixels, got {x.shape[2]}x{x.shape[3]}")
         w, dw_dv, m = self._forward_weight(keeps_cache(train, grad))
-        kshape = self.weight.shape
+        bias = self._forward_bias()
         if m is None:
             y = conv.conv2d_forward(x, w, s, p)
+            if bias is not None:
+                y += bias[None, :, None, None]
+            if self._fused_relu:
+                np.maximum(y, np.float32(0.0), out=y)
+        elif self._frozen is not None:
+            y = self._frozen_plan(x, m).run(np.require(x, requirements=["W"]), bias,
+                                            self._fused_relu)
         else:
-            y = csr.csr_conv2d_forward(x, m.data, m.indices, m.indptr, kshape, s, p)
-        bias = self._forward_bias()
-        if bias is not None:
-            y += bias[None, :, None, None]
+            y = csr.csr_conv2d_forward(x, m.data, m.indices, m.indptr,
+                                       self.weight.shape, s, p, bias)
         self._record_forward(x, y, w, dw_dv, m, self._keep_input(x, train, grad))
         return y
 
     def backward(self, grad_out):
         act, w, m, dw_dv = self._take_cache()
         shape = act.shape
-        g = as_f32(grad_out, f"{self!r}.backward")
+        g = as_f32(grad_out, Where(self, "backward"))
         n, _, h, wd = shape
         k, p, s = self.kernel_size, self.padding, self.stride
         oh, ow = conv.out_size(h, k, s, p), conv.out_size(wd, k, s, p)
@@ -388,25 +417,30 @@ class Linear(_Weighted):
         super().__init__((out_features, in_features), in_features, bias, alpha, rng)
 
     def forward(self, x, train, grad=None):
-        x = as_f32(x, f"{self!r}.forward")
+        x = as_f32(x, Where(self, "forward"))
         if x.ndim != 2 or x.shape[1] != self.in_features:
             hint = "; flatten first" if x.ndim > 2 else ""
             raise ShapeError(f"{self!r}.forward: expected x of shape "
                              f"(N, {self.in_features}), got {tuple(x.shape)}{hint}")
         w, dw_dv, m = self._forward_weight(keeps_cache(train, grad))
+        bias = self._forward_bias()
         if m is None:
             y = x @ w.T
+            if bias is not None:
+                y += bias
+        elif self._frozen is not None:  # validated once, bias added as y is written
+            x4 = np.require(x, requirements=["W"]).reshape(x.shape + (1, 1))
+            y = self._frozen_plan(x4, m).run(x4, bias).reshape(x.shape[0], -1)
         else:
             y = csr.csr_linear_forward(x, m.data, m.indices, m.indptr, self.out_features)
-        bias = self._forward_bias()
-        if bias is not None:
-            y += bias
+            if bias is not None:
+                y += bias
         self._record_forward(x, y, w, dw_dv, m, self._keep_input(x, train, grad))
         return y
 
     def backward(self, grad_out):
         act, w, m, dw_dv = self._take_cache()
-        g = as_f32(grad_out, f"{self!r}.backward")
+        g = as_f32(grad_out, Where(self, "backward"))
         if g.shape != (act.shape[0], self.out_features):
             raise ShapeError(f"{self!r}.backward: expected grad_out of shape "
                              f"{(act.shape[0], self.out_features)}, got {tuple(g.shape)}")
@@ -438,13 +472,26 @@ class Linear(_Weighted):
 class ReLU(Layer):
     """max(x, 0); the cache is the boolean mask of positive inputs (1 byte each)."""
 
-    def forward(self, x, train, grad=None):
+    #: set by runtime.inference.freeze when the conv before it applies it: the eval
+    #: forward is then the identity
+    fused = False
+
+    def forward(self, x, train, grad=None, *, inplace: bool = False):
+        """``inplace``: the caller owns x and lets it be overwritten (one array
+        fewer per call)."""
+        if self.fused:
+            if keeps_cache(train, grad):
+                raise StateError("ReLU: fused into the conv before it for inference; "
+                                 "call runtime.inference.unfreeze(model) before "
+                                 "training")
+            return x
         x = as_f32(x, "ReLU.forward")
         if keeps_cache(train, grad):
             self._set_cache(x > 0)
         else:
             self._set_cache(None)
-        return np.maximum(x, np.float32(0.0))  # keeps NaN visible, as torch does
+        # keeps NaN visible, as torch does
+        return np.maximum(x, np.float32(0.0), out=x if inplace else None)
 
     def backward(self, grad_out):
         mask = self._take_cache()

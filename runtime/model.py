@@ -115,6 +115,9 @@ class Sequential(Module):
     def children(self):
         return self._children
 
+    def chains(self):
+        return [list(self._children.values())]
+
     def __getitem__(self, name):
         return self._children[str(name)]
 
@@ -174,6 +177,10 @@ class BasicBlock(Module):
         kids["relu2"] = self.relu2
         return kids
 
+    def chains(self):
+        # not conv2, bn2, relu2: the shortcut is added between bn2 and relu2
+        return [[self.conv1, self.bn1, self.relu1], [self.conv2, self.bn2]]
+
     def forward(self, x, train, grad=None):
         x = as_f32(x, "BasicBlock.forward")
         out = self.relu1.forward(self.bn1.forward(self.conv1.forward(x, train, grad),
@@ -181,7 +188,7 @@ class BasicBlock(Module):
         out = self.bn2.forward(self.conv2.forward(out, train, grad), train, grad)
         short = x if self.downsample is None else self.downsample.forward(x, train, grad)
         out += short
-        return self.relu2.forward(out, train, grad)
+        return self.relu2.forward(out, train, grad, inplace=True)  # out is ours
 
     def backward(self, grad_out):
         g = self.relu2.backward(grad_out)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .arrays import as_f32, check_ndim
+from .arrays import Where, as_f32, check_ndim
 from .errors import ConfigError, ShapeError
 from .kernels import pool
 from .layers import Layer, keeps_cache
@@ -26,8 +26,8 @@ class MaxPool2d(Layer):
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
 
     def forward(self, x, train, grad=None):
-        x = as_f32(x, f"{self!r}.forward")
-        check_ndim(x, 4, f"{self!r}.forward", "(N, C, H, W)")
+        x = as_f32(x, Where(self, "forward"))
+        check_ndim(x, 4, Where(self, "forward"), "(N, C, H, W)")
         k, p = self.kernel_size, self.padding
         if min(x.shape[2], x.shape[3]) + 2 * p < k:
             raise ShapeError(f"{self!r}.forward: expected an image of at least "
@@ -38,7 +38,7 @@ class MaxPool2d(Layer):
 
     def backward(self, grad_out):
         argmax, in_shape = self._take_cache()
-        g = as_f32(grad_out, f"{self!r}.backward")
+        g = as_f32(grad_out, Where(self, "backward"))
         if g.shape != argmax.shape:
             raise ShapeError(f"{self!r}.backward: expected grad_out of shape "
                              f"{argmax.shape}, got {tuple(g.shape)}")

@@ -183,6 +183,56 @@ def test_both_paths_agree_on_larger_maps(path, c, h, wd, o, kh, kw, stride, pad,
                                rtol=1e-5, atol=1e-4)
 
 
+@given(data=st.data(), geom=conv_geometry(), path=st.sampled_from(PATHS),
+       relu=st.booleans())
+def test_a_plan_adds_the_bias_and_relu_as_a_second_pass_would(data, geom, path, relu):
+    # the fused bias is the same float32 add as y += b; the fused ReLU np.maximum
+    # (bit for bit), on both paths, empty rows and nnz 0 included
+    n, c, o, h, w, kh, kw, stride, pad = geom
+    x = data.draw(values((n, c, h, w)))
+    wt = sparse_values(data, (o, c, kh, kw))
+    bias = data.draw(values((o,)))
+    plan = csr.plan_conv2d_forward(*csr_args(wt), wt.shape, x.shape, stride, pad, path)
+
+    got = plan.run(x, bias, relu)
+
+    want = csr._conv_forward(x, *csr_args(wt), wt.shape, stride, pad, path)
+    want += bias[None, :, None, None]
+    if relu:
+        want = np.maximum(want, np.float32(0))
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(plan.run(x), csr._conv_forward(
+        x, *csr_args(wt), wt.shape, stride, pad, path))
+
+
+def test_a_fused_relu_keeps_nan_as_np_maximum_does():
+    x = np.ones((1, 2, 4, 4), np.float32)
+    wt = np.zeros((3, 2, 3, 3), np.float32)
+    wt[1, 0, 1, 1] = np.nan
+    wt[2, 1, 0, 0] = -1.0
+    for path in PATHS:
+        plan = csr.plan_conv2d_forward(*csr_args(wt), wt.shape, x.shape, 1, 1, path)
+        y = plan.run(x, np.array([-1.0, 0.5, 0.0], np.float32), relu=True)
+        assert not y[0, 0].any()                       # empty row, negative bias
+        assert np.isnan(y[0, 1]).all()                 # NaN weight
+        assert (y[0, 2] >= 0).all() and not np.isnan(y[0, 2]).any()
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"x": np.zeros((2, 3, 5, 5), np.float32)}, "shape \\(1, 3, 5, 5\\)"),
+    ({"x": np.zeros((1, 3, 5, 5))}, "float32 x"),
+    ({"bias": np.zeros(3, np.float32)}, "bias of shape \\(4,\\)"),
+    ({"bias": np.zeros(4)}, "float32 bias"),
+])
+def test_a_plan_refuses_other_inputs_than_it_was_made_for(change, match):
+    wt = np.ones((4, 3, 3, 3), np.float32)
+    plan = csr.plan_conv2d_forward(*csr_args(wt), wt.shape, (1, 3, 5, 5), 1, 1)
+    args = {"x": np.zeros((1, 3, 5, 5), np.float32), "bias": None}
+    args.update(change)
+    with pytest.raises(ShapeError, match=match):
+        plan.run(**args)
+
+
 def test_low_density_takes_the_direct_path_and_high_density_the_planes():
     # ResNet-8 16@32x32->16 3x3: 23 nonzeros (1 %) -> direct; 30 % -> planes
     assert csr._use_direct(23, 32 * 32, 16 * 34 * 34, "forward")

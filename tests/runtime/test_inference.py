@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from sparsefedpp.runtime import inference, models, pruning
 from sparsefedpp.runtime.errors import StateError
+from sparsefedpp.runtime.layers import ReLU
 
 pytestmark = pytest.mark.device
 
@@ -51,6 +52,36 @@ def test_resnet_pairs_are_conv_then_its_batchnorm():
     assert len(pairs) == 20   # 1 stem + 8 blocks x 2 + 3 downsamples
 
 
+def test_relus_fused_are_those_right_after_a_conv_and_its_batchnorm():
+    model = models.build("resnet18", width=0.25)
+    names = {id(layer): n for n, layer in model.named_layers().items()}
+    inference.freeze(model)
+
+    fused = {n for n, layer in model.named_layers().items()
+             if isinstance(layer, ReLU) and layer.fused}
+    assert fused == {"relu"} | {f"layer{i}.{b}.relu1" for i in range(1, 5)
+                                for b in range(2)}  # not relu2: after the add
+    folded = {names[id(c)] for c, _ in inference.conv_bn_pairs(model)}
+    assert len(folded) == 20
+    inference.unfreeze(model)
+    assert not any(getattr(layer, "fused", False) or getattr(layer, "folded", False)
+                   for layer in model.named_layers().values())
+
+
+@pytest.mark.parametrize("fold_bn", [True, False])
+def test_unfused_and_unfolded_freezes_give_the_eval_forward(fold_bn):
+    model = _trained_like("resnet8", 0.9)
+    x = np.random.default_rng(3).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    want = model.forward(x, train=False)
+
+    inference.freeze(model, fold_bn=fold_bn, fuse_relu=False)
+    got = model.forward(x, train=False)
+
+    assert not any(isinstance(layer, ReLU) and layer.fused
+                   for layer in model.named_layers().values())
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
 def test_training_a_frozen_model_is_refused_until_unfrozen():
     model = _trained_like("resnet8", 0.9, width=0.25)
     x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
@@ -58,6 +89,8 @@ def test_training_a_frozen_model_is_refused_until_unfrozen():
 
     with pytest.raises(StateError, match="unfreeze"):
         model.forward(x, train=True)
+    with pytest.raises(StateError, match="ReLU: fused"):
+        model["relu"].forward(x, train=True)
     inference.unfreeze(model)
     model.forward(x, train=True)
 
