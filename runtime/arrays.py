@@ -12,7 +12,7 @@ class Where:
     raised: building it on every call cost two reprs per layer and forward (about
     60 us of a 3.5 ms ResNet-18 inference)."""
 
-    __slots__ = ("owner", "method")
+    __slots__ = ("method", "owner")
 
     def __init__(self, owner: object, method: str):
         self.owner, self.method = owner, method

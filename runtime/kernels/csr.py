@@ -301,7 +301,7 @@ def _direct_forward(x, indices, indptr, data, n_img, n_in, h, w, kh, kw, s, p, o
                 y[yb + t] += bv
         if relu:
             for t in range(plane):
-                if y[yb + t] < 0.0:
+                if y[yb + t] < 0.0:  # noqa: PLR1730 - max() may drop NaN
                     y[yb + t] = 0.0
 
 
