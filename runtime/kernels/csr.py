@@ -12,7 +12,7 @@ dense tap list replaced by the nonzeros. Everything is one gather kernel,
 phase) and a chunk of images,
 
     acc[t] = sum over the entries e of group g of
-             val[e] * src[plane[e]][start + off[e] + t]
+             val[e] * src[plane[q]][start + off[q] + t],   q = tap[e]
 
 over one long contiguous range of t, then acc is copied to its (strided) place in
 the output. Eight entries per pass (9 loads, 1 store, 8 FMA per vector), then 4,
@@ -145,12 +145,14 @@ _CROSSOVER = {"conv": 0.5, "linear": 0.0}
 _DIRECT_RATIO = {"forward": 2.0, "grad_input": 3.5}
 
 
-@nb.njit("void(f4[:, ::1], i8[::1], i8[::1], i8[::1], f4[::1], i8, i8, i8, i8,"
-         " i8[:, ::1], f4[::1], b1, f4[:, :, :, ::1])", **JIT_PARALLEL_FASTMATH)
-def _gather_taps(src, ptr, plane, off, val, size, wq, nb_img, ds, box, bias, relu,
-                 out):  # pragma: no cover - compiled
-    # group g = ch * n_ph + ph, entries ptr[g]:ptr[g+1]; box[ph] = (a0, a1, b0, b1,
-    # dy, dx). acc[t] = sum_e val[e] * src[plane[e], start + off[e] + t] with
+@nb.njit("void(f4[:, ::1], i8[::1], i4[::1], i8[::1], i8[::1], f4[::1], i8, i8, i8,"
+         " i8, i8[:, ::1], f4[::1], b1, f4[:, :, :, ::1])", **JIT_PARALLEL_FASTMATH)
+def _gather_taps(src, ptr, tap, plane, off, val, size, wq, nb_img, ds, box, bias,
+                 relu, out):  # pragma: no cover - compiled
+    # group g = ch * n_ph + ph, entries ptr[g]:ptr[g+1], entry e is tap tap[e] (a
+    # CSR column: plane and offset are per tap, not per nonzero); box[ph] = (a0,
+    # a1, b0, b1, dy, dx). acc[t] = sum_e val[e] * src[plane[q], start + off[q] + t]
+    # with q = tap[e],
     # t = image*size + a*wq + b - t0, then out[n, ch, a*ds + dy, b*ds + dx] = acc
     # (+ bias[ch] when bias is not empty: the same float32 add as y += b after;
     # then max(., 0) when relu, NaN kept)
@@ -199,14 +201,14 @@ def _gather_taps(src, ptr, plane, off, val, size, wq, nb_img, ds, box, bias, rel
             u5 = val[k + 5]
             u6 = val[k + 6]
             u7 = val[k + 7]
-            x0 = src[plane[k]][start + off[k]:]
-            x1 = src[plane[k + 1]][start + off[k + 1]:]
-            x2 = src[plane[k + 2]][start + off[k + 2]:]
-            x3 = src[plane[k + 3]][start + off[k + 3]:]
-            x4 = src[plane[k + 4]][start + off[k + 4]:]
-            x5 = src[plane[k + 5]][start + off[k + 5]:]
-            x6 = src[plane[k + 6]][start + off[k + 6]:]
-            x7 = src[plane[k + 7]][start + off[k + 7]:]
+            x0 = src[plane[tap[k]]][start + off[tap[k]]:]
+            x1 = src[plane[tap[k + 1]]][start + off[tap[k + 1]]:]
+            x2 = src[plane[tap[k + 2]]][start + off[tap[k + 2]]:]
+            x3 = src[plane[tap[k + 3]]][start + off[tap[k + 3]]:]
+            x4 = src[plane[tap[k + 4]]][start + off[tap[k + 4]]:]
+            x5 = src[plane[tap[k + 5]]][start + off[tap[k + 5]]:]
+            x6 = src[plane[tap[k + 6]]][start + off[tap[k + 6]]:]
+            x7 = src[plane[tap[k + 7]]][start + off[tap[k + 7]]:]
             for t in range(length):
                 acc[t] += ((u0 * x0[t] + u1 * x1[t] + u2 * x2[t] + u3 * x3[t])
                            + (u4 * x4[t] + u5 * x5[t] + u6 * x6[t] + u7 * x7[t]))
@@ -216,16 +218,16 @@ def _gather_taps(src, ptr, plane, off, val, size, wq, nb_img, ds, box, bias, rel
             u1 = val[k + 1]
             u2 = val[k + 2]
             u3 = val[k + 3]
-            x0 = src[plane[k]][start + off[k]:]
-            x1 = src[plane[k + 1]][start + off[k + 1]:]
-            x2 = src[plane[k + 2]][start + off[k + 2]:]
-            x3 = src[plane[k + 3]][start + off[k + 3]:]
+            x0 = src[plane[tap[k]]][start + off[tap[k]]:]
+            x1 = src[plane[tap[k + 1]]][start + off[tap[k + 1]]:]
+            x2 = src[plane[tap[k + 2]]][start + off[tap[k + 2]]:]
+            x3 = src[plane[tap[k + 3]]][start + off[tap[k + 3]]:]
             for t in range(length):
                 acc[t] += u0 * x0[t] + u1 * x1[t] + u2 * x2[t] + u3 * x3[t]
             k += 4
         while k < k1:
             u0 = val[k]
-            x0 = src[plane[k]][start + off[k]:]
+            x0 = src[plane[tap[k]]][start + off[tap[k]]:]
             for t in range(length):
                 acc[t] += u0 * x0[t]
             k += 1
@@ -575,12 +577,17 @@ class ConvForwardPlan(NamedTuple):
         sph, spw, hq, wq, plane, off, box = self.taps
         xs = conv._planes(x, s, sph, spw, p, p, hq, wq)
         size = hq * wq
-        _gather_taps(xs, self.indptr, plane, off, self.data, size, wq, _chunk(n, size),
-                     1, box, bias, relu, y)
+        _gather_taps(xs, self.indptr, self.indices, plane, off, self.data, size, wq,
+                     _chunk(n, size), 1, box, bias, relu, y)
         return y
 
 
 _NO_BIAS = np.zeros(0, dtype=np.float32)
+
+
+def _each(entries: np.ndarray) -> np.ndarray:
+    """tap[e] = e: for regrouped entries, whose plane and offset are per entry."""
+    return np.arange(entries.shape[0], dtype=np.int32)
 
 
 def plan_conv2d_forward(data, indices, indptr, kshape: tuple, in_shape: tuple,
@@ -615,7 +622,7 @@ def plan_conv2d_forward(data, indices, indptr, kshape: tuple, in_shape: tuple,
     tap_plane[order] = plane  # back to the (c, i, j) column order of the CSR
     tap_off[order] = off
     box = np.array([[0, oh, 0, ow, 0, 0]], dtype=np.int64)
-    taps = (sph, spw, hq, wq, tap_plane[indices], tap_off[indices], box)
+    taps = (sph, spw, hq, wq, tap_plane, tap_off, box)
     return ConvForwardPlan(*shapes, "planes", data, indices, indptr, taps)
 
 
@@ -692,8 +699,8 @@ def _conv_grad_input(grad_out, data, indices, indptr, kshape, in_shape, stride, 
                                          col_off.ravel(), c * s * s)
     grad_x = np.empty((n, c, h, wd), dtype=np.float32)
     size = hg * wg
-    _gather_taps(gs, gptr, grow, goff, gval, size, wg, _chunk(n, size), s, box,
-                 _NO_BIAS, False, grad_x)
+    _gather_taps(gs, gptr, _each(gval), grow, goff, gval, size, wg, _chunk(n, size), s,
+                 box, _NO_BIAS, False, grad_x)
     return grad_x
 
 
@@ -754,9 +761,9 @@ def csr_linear_forward(x: np.ndarray, data, indices, indptr,
     if data.shape[0] == 0 or n == 0:
         return np.zeros((n, o), dtype=np.float32)
     y = np.empty((n, o, 1, 1), dtype=np.float32)
-    zero = np.zeros(data.shape[0], dtype=np.int64)
-    _gather_taps(_rows_padded(x), indptr, indices.astype(np.int64), zero, data, 1, 1,
-                 _chunk(n, 1), 1, _ONE_PIXEL, _NO_BIAS, False, y)
+    _gather_taps(_rows_padded(x), indptr, indices, np.arange(k, dtype=np.int64),
+                 np.zeros(k, dtype=np.int64), data, 1, 1, _chunk(n, 1), 1, _ONE_PIXEL,
+                 _NO_BIAS, False, y)
     return y.reshape(n, o)
 
 
@@ -778,8 +785,8 @@ def csr_linear_grad_input(grad_out: np.ndarray, data, indices, indptr,
     gptr, grow, goff, gval = _transposed(data, indices, indptr, np.arange(k),
                                          np.zeros(k), k)
     grad_x = np.empty((n, k, 1, 1), dtype=np.float32)
-    _gather_taps(_rows_padded(g), gptr, grow, goff, gval, 1, 1, _chunk(n, 1), 1,
-                 _ONE_PIXEL, _NO_BIAS, False, grad_x)
+    _gather_taps(_rows_padded(g), gptr, _each(gval), grow, goff, gval, 1, 1,
+                 _chunk(n, 1), 1, _ONE_PIXEL, _NO_BIAS, False, grad_x)
     return grad_x.reshape(n, k)
 
 
