@@ -12,13 +12,16 @@ Latency: one eval forward of a 32x32 RGB batch (1 and 32 images) at ``--sparsity
 the engine with every conv/linear on its dense kernels, on its CSR kernels, and
 onnxruntime on the dense-initializer file (intra-op threads = ``--threads``,
 inter-op 1, no spinning), plus onnxruntime on the sparse-initializer file (it
-densifies them at load, so this should equal the dense file). Medians of
-``--reps`` calls after one warm-up. Prints markdown tables.
+densifies them at load, so this should equal the dense file). The five take
+turns call by call (``timing.time_interleaved``), so a noisy neighbour slows
+them alike: medians of ``--reps`` calls after one warm-up, and the ratio is
+the median of frozen / onnxruntime over the turns. Prints markdown tables.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 from functools import partial
 
 import numba
@@ -27,7 +30,7 @@ from sparsefedpp.runtime import inference, pruning
 from sparsefedpp.runtime.models import build
 from sparsefedpp.tools.cmd_predict import ort_session
 from sparsefedpp.tools.onnx_export import build_onnx
-from sparsefedpp.tools.timing import time_ms
+from sparsefedpp.tools.timing import paired_ratio, time_interleaved
 
 SPARSITIES = (0.9, 0.99, 0.999)
 
@@ -66,22 +69,24 @@ def latency(names: list[str], sparsity: float, scope: str, threads: int,
         dense = ort_session(build_onnx(model)[0].SerializeToString(), threads)
         sparse = ort_session(build_onnx(model, sparse_initializers=True)[0]
                              .SerializeToString(), threads)
-        layers = pruning.prunable_layers(model).values()
+        engines = {}
+        for variant in ("dense", "csr", "frozen"):
+            engines[variant] = copy.deepcopy(model)
+            for layer in pruning.prunable_layers(engines[variant]).values():
+                layer.kernel = "dense" if variant == "dense" else "csr"
+        inference.freeze(engines["frozen"])  # CSR built once, BatchNorm/ReLU fused
         for batch in (1, 32):
             x = np.random.default_rng(batch).standard_normal(
                 (batch, 3, 32, 32)).astype(np.float32)
-            ms = {}
-            for kernel in ("dense", "csr"):
-                for layer in layers:
-                    layer.kernel = kernel
-                ms[kernel] = time_ms(partial(model.forward, x, train=False), reps)
-            with inference.frozen(model):  # CSR built once, BatchNorm folded
-                ms["frozen"] = time_ms(partial(model.forward, x, train=False), reps)
-            ms["ort"] = time_ms(partial(dense.run, None, {"input": x}), reps)
-            ms["ort_sparse"] = time_ms(partial(sparse.run, None, {"input": x}), reps)
+            fns = {k: partial(m.forward, x, train=False) for k, m in engines.items()}
+            fns["ort"] = partial(dense.run, None, {"input": x})
+            fns["ort_sparse"] = partial(sparse.run, None, {"input": x})
+            times = time_interleaved(fns, reps)
+            ms = {k: float(np.median(v)) for k, v in times.items()}
+            ratio = paired_ratio(times["frozen"], times["ort"])
             rows.append(f"| {name} {sparsity} ({scope}) | {batch} | {ms['dense']:.1f} | "
                         f"{ms['csr']:.1f} | {ms['frozen']:.1f} | {ms['ort']:.1f} | "
-                        f"{ms['ort_sparse']:.1f} | {ms['frozen'] / ms['ort']:.2f} |")
+                        f"{ms['ort_sparse']:.1f} | {ratio:.2f} |")
     return rows
 
 
