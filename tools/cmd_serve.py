@@ -128,8 +128,8 @@ def run(args) -> int:
             metrics.write(event, **fields)
             if event == "round":
                 acc = fields["eval"].get("accuracy")
-                say(f"round {fields['round']}/{sim.rounds}  "
-                    f"{'acc %.4f' % acc if acc is not None else 'acc   -   '}  "
+                shown = f"acc {acc:.4f}" if acc is not None else "acc   -   "
+                say(f"round {fields['round']}/{sim.rounds}  {shown}  "
                     f"{len(fields['accepted'])}/{len(fields['selected'])} updates  "
                     f"{len(fields['rejected'])} rejected  up "
                     f"{fields['bytes_up'] / 1e3:.1f} kB  {fields['seconds']:.1f}s",

@@ -132,7 +132,7 @@ def run_checks(*, device_id: str, data: str, state_dir: str, settings_of,
                    "is the broker running and reachable? check --broker and firewalls")
             report("broker", (False, f"{settings.url}: {problem}; fix: {fix}"))
             return 1
-        report("broker", (True, f"{settings.url} reachable"
-                          f"{' (TLS certificate verified)' if settings.tls else ''}"))
+        tls = " (TLS certificate verified)" if settings.tls else ""
+        report("broker", (True, f"{settings.url} reachable{tls}"))
         report("login", check_login(settings, device_id, timeout))
     return 1 if failed else 0
