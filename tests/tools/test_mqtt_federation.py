@@ -105,6 +105,30 @@ def test_aggregator_killed_and_restarted_loses_and_repeats_no_round(fed, shards3
     assert_same_tensors(tensors, simulate(3, 3, 3, 3))
 
 
+def test_a_device_added_by_restarting_the_aggregator_joins_the_next_rounds(
+        fed, shards, tmp_path):
+    # docs/deploy.md: to add a device, stop serve, add it to `devices`, start again
+    config = write_config(tmp_path / "fed.toml", ["0", "1", "2"], rounds=3,
+                          per_round=3, min_clients=3, device_grace=3)
+    _devices(fed, shards, range(3))
+    fed.server(config)
+    fed.wait_for_log("server", "round 2: update from")
+    fed.kill("server")
+    fed.kill("device-0")  # offline: rounds 2 and 3 must pick the new device
+
+    wider = write_config(tmp_path / "fed.toml", ["0", "1", "2", "3"], rounds=3,
+                         per_round=3, min_clients=3, device_grace=3)
+    fed.device("3", shards[3])
+    fed.server(wider)
+
+    assert fed.wait("server") == 0, fed.log("server")
+    rounds = fed.rounds()
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    assert all(r["aggregated"] and len(r["accepted"]) == 3 for r in rounds)
+    assert all(sorted(r["accepted"]) == ["1", "2", "3"] for r in rounds[1:])
+    assert any(e["event"] == "resume" and e["round"] == 1 for e in fed.metrics())
+
+
 def test_broker_killed_and_restarted_devices_reconnect(fed, shards3, tmp_path,
                                                        mosquitto):
     config = write_config(tmp_path / "fed.toml", ["0", "1", "2"], rounds=3,
