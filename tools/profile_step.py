@@ -27,9 +27,9 @@ from sparsefedpp.runtime import (
 def _wrap(layer, name, times):
     fwd, bwd = layer.forward, layer.backward
 
-    def forward(x, train, grad=None):
+    def forward(x, train, grad=None, **kwargs):  # kwargs: ReLU's inplace
         t = time.perf_counter()
-        y = fwd(x, train, grad)
+        y = fwd(x, train, grad, **kwargs)
         times[(name, "forward")] += time.perf_counter() - t
         return y
 
