@@ -72,16 +72,16 @@ class BatchNorm2d(Layer):
             mean = self.running_mean.astype(np.float64)
             var = self.running_var.astype(np.float64)
         invstd = 1.0 / np.sqrt(var + self.eps)
-        if not keeps_cache(train, grad):  # one pass: y = x * scale + shift
-            self._set_cache(None)
-            scale = invstd * self.weight
-            return norm.scale_shift(x, scale.astype(np.float32),
-                                    (self.bias - mean * scale).astype(np.float32))
-        # xhat = (x - mean) * invstd, kept for backward; y = xhat * weight + bias
-        xhat = norm.scale_shift(x, invstd.astype(np.float32),
-                                (-mean * invstd).astype(np.float32))
-        self._set_cache((xhat, invstd.astype(np.float32), train))
-        return norm.scale_shift(xhat, self.weight, self.bias)
+        # one pass: y = x * scale + shift (= xhat * weight + bias)
+        scale = invstd * self.weight
+        y = norm.scale_shift(x, scale.astype(np.float32),
+                             (self.bias - mean * scale).astype(np.float32))
+        # backward recomputes xhat = (x - mean) * invstd = x * s + t from x: a pass
+        # that writes xhat (and one that reads it for y) fewer than keeping it
+        self._set_cache((x, invstd.astype(np.float32),
+                         (-mean * invstd).astype(np.float32), train)
+                        if keeps_cache(train, grad) else None)
+        return y
 
     def _update_running(self, mean, unbiased_var):
         m = self.momentum
@@ -90,22 +90,22 @@ class BatchNorm2d(Layer):
         self.num_batches_tracked += 1
 
     def backward(self, grad_out):
-        xhat, invstd, used_batch_stats = self._take_cache()
+        x, invstd, shift, used_batch_stats = self._take_cache()
         g = np.ascontiguousarray(as_f32(grad_out, Where(self, "backward")))
-        if g.shape != xhat.shape:
+        if g.shape != x.shape:
             raise ShapeError(f"{self!r}.backward: expected grad_out of shape "
-                             f"{xhat.shape}, got {tuple(g.shape)}")
-        sum_g, sum_gx = norm.grad_sums(g, xhat)
+                             f"{x.shape}, got {tuple(g.shape)}")
+        sum_g, sum_gx = norm.grad_sums(g, x, invstd, shift)  # xhat = x*invstd + shift
         self.grad_weight += sum_gx.astype(np.float32)
         self.grad_bias += sum_g.astype(np.float32)
         a = (self.weight * invstd).astype(np.float32)
         if not used_batch_stats:  # running stats are constants: a plain scale
             zeros = np.zeros_like(a)
-            return norm.bn_grad_input(g, xhat, a, zeros, zeros)
+            return norm.bn_grad_input(g, x, invstd, shift, a, zeros, zeros)
         count = g.shape[0] * g.shape[2] * g.shape[3]
         b = (a * sum_g / count).astype(np.float32)
         k = (a * sum_gx / count).astype(np.float32)
-        return norm.bn_grad_input(g, xhat, a, b, k)
+        return norm.bn_grad_input(g, x, invstd, shift, a, b, k)
 
     def __repr__(self):
         return f"BatchNorm2d({self.num_features})"
