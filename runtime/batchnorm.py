@@ -16,6 +16,8 @@ class BatchNorm2d(Layer):
     Training uses the batch statistics (biased variance) and updates the running
     ones: running = (1 - momentum) * running + momentum * batch, with the unbiased
     variance for ``running_var``. Evaluation uses the running statistics.
+    A training forward keeps a reference to x for backward (as Conv2d does), so x
+    must not be changed in place before the backward.
     See https://pytorch.org/docs/stable/generated/torch.nn.BatchNorm2d.html
     """
 

@@ -82,16 +82,20 @@ def freeze(model: Layer, *, fold_bn: bool = True, fuse_relu: bool = True) -> int
     if fuse_relu:
         folded_ids = {id(bn) for bn in paired.values()}
         relus = {id(conv): relu for conv, relu in conv_relus(model, folded_ids)}
-    for layer in model.named_layers().values():
-        if not isinstance(layer, _Weighted):
-            continue
-        bn, relu = paired.get(id(layer)), relus.get(id(layer))
-        layer.freeze(*(bn_scale_shift(bn) if bn is not None else (None, None)),
-                     relu=relu is not None)
-        if bn is not None:
-            bn.folded = True
-        if relu is not None:
-            relu.fused = True
+    try:
+        for layer in model.named_layers().values():
+            if not isinstance(layer, _Weighted):
+                continue
+            bn, relu = paired.get(id(layer)), relus.get(id(layer))
+            layer.freeze(*(bn_scale_shift(bn) if bn is not None else (None, None)),
+                         relu=relu is not None)
+            if bn is not None:
+                bn.folded = True
+            if relu is not None:
+                relu.fused = True
+    except BaseException:
+        unfreeze(model)  # all or nothing: no conv applying a ReLU left unmarked
+        raise
     return len(paired)
 
 

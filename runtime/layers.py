@@ -152,7 +152,6 @@ class _Weighted(Layer):
         this; a training forward raises until ``unfreeze()``.
         """
         self.unfreeze()
-        self._fused_relu = bool(relu)
         w, _, m = self._forward_weight(False)
         bias = None if self.bias is None else self.bias.astype(np.float64)
         if scale is not None:
@@ -164,6 +163,7 @@ class _Weighted(Layer):
                 m = _CSR((m.data * row).astype(np.float32), m.indices, m.indptr)
             bias = (np.zeros(len(scale)) if bias is None else bias) * scale + shift
         self._frozen = (w, m, None if bias is None else bias.astype(np.float32))
+        self._fused_relu = bool(relu)
 
     def unfreeze(self) -> None:
         self._frozen, self._frozen_macs, self._frozen_plans = None, (None, 0), {}

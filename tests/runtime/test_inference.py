@@ -130,3 +130,16 @@ def test_frozen_forwards_report_the_same_macs():
     model.forward(x, train=False)
 
     assert accounting.cost_report(model).totals["macs_forward"] == want
+
+
+def test_a_freeze_that_fails_leaves_nothing_frozen():
+    model = _trained_like("resnet8", 0.9, width=0.25)
+    model["layer2"][0].conv2.kernel = "no-such-kernel"  # the 5th conv refuses
+
+    with pytest.raises(Exception, match="no-such-kernel"):
+        inference.freeze(model)
+
+    assert not inference.is_frozen(model)
+    assert not any(getattr(layer, "fused", False) or getattr(layer, "folded", False)
+                   or getattr(layer, "_fused_relu", False)
+                   for layer in model.named_layers().values())
