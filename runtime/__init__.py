@@ -1,5 +1,9 @@
 """The training engine: layers, kernels, models, losses, optimizers, checkpoints."""
 
+from .allocator import keep_freed_memory
+
+keep_freed_memory()  # before the first large array: see allocator.py
+
 from .batchnorm import BatchNorm2d
 from .errors import (
                      CheckpointError,
