@@ -574,11 +574,13 @@ class ConvForwardPlan(NamedTuple):
         elif bias.shape != (o,) or bias.dtype != np.float32:
             raise ShapeError(f"{what}: expected a float32 bias of shape ({o},), got "
                              f"{bias.dtype} {bias.shape}")
-        if self.path == "zeros":
-            y = np.zeros(self.out_shape, dtype=np.float32)
-            if bias.shape[0]:
-                y += bias[None, :, None, None]
-            return np.maximum(y, np.float32(0.0), out=y) if relu else y
+        if self.path == "zeros":  # every output is its channel's bias (or 0)
+            if not bias.shape[0]:
+                return np.zeros(self.out_shape, dtype=np.float32)
+            y = np.empty(self.out_shape, dtype=np.float32)
+            y[...] = (np.maximum(bias, np.float32(0.0)) if relu else bias)[
+                None, :, None, None]
+            return y
         n, c, h, wd = self.in_shape
         _, _, kh, kw = self.kshape
         s, p = self.stride, self.pad
