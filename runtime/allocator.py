@@ -22,7 +22,6 @@ when SPARSEFEDPP_KEEP_MEMORY=0, and on other C libraries.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
@@ -48,9 +47,8 @@ def keep_freed_memory() -> str:
     if user:
         STATUS = f"left alone: {', '.join(user)} set"
         return STATUS
-    libc_name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(libc_name) if libc_name else None
+    try:  # the symbols the interpreter is linked with: no ldconfig subprocess
+        libc = ctypes.CDLL(None)
         mallopt = getattr(libc, "mallopt", None)
         is_glibc = getattr(libc, "gnu_get_libc_version", None) is not None
     except OSError:
