@@ -542,9 +542,9 @@ def _conv_input(x, what: str) -> np.ndarray:
 
 class ConvForwardPlan(NamedTuple):
     """A CSR conv forward for one weight and one input shape, validated and laid
-    out once: the checks, the path choice and the per-nonzero plane/offset gather
-    cost 0.1-0.4 ms a call at batch 1 (ResNet-18, 99 %), more than the MACs; frozen
-    inference layers keep one per input shape (``plan_conv2d_forward``)."""
+    out once: the checks, the path choice and the tap layout cost 0.1-0.4 ms a
+    call at batch 1 (ResNet-18, 99 %), more than the MACs; frozen inference
+    layers keep one per input shape (``plan_conv2d_forward``)."""
 
     in_shape: tuple
     out_shape: tuple
@@ -555,7 +555,7 @@ class ConvForwardPlan(NamedTuple):
     data: np.ndarray
     indices: np.ndarray
     indptr: np.ndarray
-    taps: tuple  # planes path: (sph, spw, hq, wq, plane, offset per nonzero, box)
+    taps: tuple  # planes path: (sph, spw, hq, wq, plane and offset per tap, box)
 
     def run(self, x: np.ndarray, bias: np.ndarray | None = None,
             relu: bool = False) -> np.ndarray:
