@@ -9,6 +9,7 @@ client lives here; paho is imported only when a client is built.
 from __future__ import annotations
 
 import logging
+import queue
 import socket
 import ssl
 import threading
@@ -22,6 +23,7 @@ from .errors import ConfigError, TransportError
 logger = logging.getLogger(__name__)
 
 SESSION_EXPIRY = 7 * 24 * 3600  # seconds the broker keeps a session while offline
+CONNECTED = "\0connected"  # a queue event after each (re)connect, never a topic
 
 
 @dataclass(frozen=True)
@@ -197,3 +199,68 @@ def publish_confirmed(client, connected: threading.Event, topic: str, payload: b
             return
     raise TransportError(f"publish to {topic}: no PUBACK within {timeout:g} s; the "
                          f"broker is unreachable or refuses this client")
+
+
+class QueuedClient:
+    """The aggregator's and the device's connection: a paho client whose callbacks
+    only record. Each message goes to ``events`` as (topic, payload); each
+    (re)connect renews ``subscriptions`` (QoS 1), runs ``on_connected(paho)`` and
+    then queues (CONNECTED, b""), so the owner's one thread does all the work.
+    ``connected`` is set while the connection is up; ``log`` is the owner's
+    logger (connects, refusals, lost connections)."""
+
+    def __init__(self, settings: BrokerSettings, client_id: str,
+                 subscriptions: list[str], log: logging.Logger, *,
+                 will_topic: str | None = None, will_payload: bytes = b"",
+                 on_connected=None):
+        self.settings = settings
+        self.events: queue.Queue = queue.Queue()
+        self.connected = threading.Event()
+        self._subscriptions = list(subscriptions)
+        self._log = log
+        self._on_connected = on_connected
+        self._stopping = False
+        self._waiter = ConnectWaiter(settings)
+        self.paho = make_client(settings, client_id, will_topic=will_topic,
+                                will_payload=will_payload)
+        self.paho.on_connect = self._on_connect
+        self.paho.on_disconnect = self._on_disconnect
+        self.paho.on_message = self._on_message
+
+    def start(self, timeout: float | None) -> None:
+        """Connect in the background; with a timeout, wait for the first CONNACK
+        (TransportError that says what to fix)."""
+        connect(self.paho, self.settings)
+        if timeout is not None:
+            self._waiter.wait(timeout)
+
+    def publish_confirmed(self, topic: str, payload: bytes, *, retain: bool = False,
+                          timeout: float = 60.0) -> None:
+        publish_confirmed(self.paho, self.connected, topic, payload, retain=retain,
+                          timeout=timeout)
+
+    def stop(self) -> None:
+        self._stopping = True
+        self.paho.disconnect()
+        self.paho.loop_stop()
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties):
+        self._waiter.connected(reason_code)
+        if reason_code.is_failure:
+            self._log.error("broker refused the connection: %s", reason_code)
+            return
+        client.subscribe([(topic, 1) for topic in self._subscriptions])
+        if self._on_connected is not None:
+            self._on_connected(client)
+        self.connected.set()
+        self.events.put((CONNECTED, b""))
+        self._log.info("connected to %s", self.settings.url)
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties):
+        self.connected.clear()
+        if reason_code != 0 and not self._stopping:
+            self._log.warning("disconnected from %s (%s); reconnecting with backoff",
+                              self.settings.url, reason_code)
+
+    def _on_message(self, client, userdata, message):
+        self.events.put((message.topic, bytes(message.payload)))

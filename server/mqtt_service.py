@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import math
 import queue
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,13 +29,7 @@ from pathlib import Path
 
 import numpy as np
 from sparsefedpp.runtime import codec, protocol
-from sparsefedpp.runtime.broker import (
-    BrokerSettings,
-    ConnectWaiter,
-    connect,
-    make_client,
-    publish_confirmed,
-)
+from sparsefedpp.runtime.broker import CONNECTED, BrokerSettings, QueuedClient
 from sparsefedpp.runtime.checkpoint import write_atomic
 from sparsefedpp.runtime.errors import CodecError, ConfigError, StateError
 
@@ -47,7 +40,6 @@ logger = logging.getLogger(__name__)
 Tensors = dict[str, np.ndarray]
 STATE_FILE = "federation.sfpp"
 POLICIES = ("extend", "rerun", "skip")
-RECONNECTED = "\0connected"  # a queue event, never a topic (MQTT forbids NUL)
 
 
 @dataclass(frozen=True)
@@ -204,8 +196,6 @@ class Aggregator:
         self.totals = {"bytes_up": 0, "bytes_down": 0}
         self.online: dict[str, bool] = {}
         self._offline_since: dict[str, float] = {}
-        self._events: queue.Queue = queue.Queue()
-        self._connected = threading.Event()
         self._reassembler = protocol.Reassembler(max_total=config.max_update_bytes)
         self._model_chunks = 0
         self._retained: list[tuple[str, bytes]] = []  # the open round's announcement
@@ -215,8 +205,7 @@ class Aggregator:
         self._rejected: list = []
         self._early: dict[str, bytes] = {}      # updates for the round before it opened
         self._bytes_up = 0
-        self._client = None
-        self._waiter: ConnectWaiter | None = None
+        self._mqtt: QueuedClient | None = None
         self._resume()
 
     # ---------------------------------------------------------------- state file
@@ -251,40 +240,17 @@ class Aggregator:
         write_atomic(self.state_path, lambda f: f.write(data))
 
     # ---------------------------------------------------------------- broker
-    def _on_connect(self, client, userdata, flags, reason_code, properties):
-        self._waiter.connected(reason_code)
-        if reason_code.is_failure:
-            logger.error("broker refused the connection: %s", reason_code)
-            return
-        client.subscribe([(self.topics.update("+"), 1), (self.topics.status("+"), 1)])
-        self._connected.set()
-        self._events.put((RECONNECTED, b""))
-        logger.info("connected to %s", self.broker.url)
-
-    def _on_disconnect(self, client, userdata, flags, reason_code, properties):
-        self._connected.clear()
-        if reason_code != 0 or self._client is None:  # not our own disconnect()
-            logger.warning("disconnected from the broker (%s); reconnecting",
-                           reason_code)
-
-    def _on_message(self, client, userdata, message):
-        self._events.put((message.topic, bytes(message.payload)))
-
     def _publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
-        publish_confirmed(self._client, self._connected, topic, payload, retain=retain,
-                          timeout=self.config.publish_timeout)
+        self._mqtt.publish_confirmed(topic, payload, retain=retain,
+                                     timeout=self.config.publish_timeout)
 
     def start(self) -> None:
-        self._waiter = ConnectWaiter(self.broker)
-        self._client = make_client(self.broker, self.config.client_id,
-                                   will_topic=self.topics.server,
-                                   will_payload=protocol.SERVER_OFFLINE)
-        self._client.on_connect = self._on_connect
-        self._client.on_disconnect = self._on_disconnect
-        self._client.on_message = self._on_message
-        connect(self._client, self.broker)
+        self._mqtt = QueuedClient(
+            self.broker, self.config.client_id,
+            [self.topics.update("+"), self.topics.status("+")], logger,
+            will_topic=self.topics.server, will_payload=protocol.SERVER_OFFLINE)
         try:
-            self._waiter.wait(self.config.connect_timeout)
+            self._mqtt.start(self.config.connect_timeout)
         except Exception:
             self.stop()
             raise
@@ -293,15 +259,14 @@ class Aggregator:
             retain=True)
 
     def stop(self, state: str | None = None) -> None:
-        if self._client is None:
+        if self._mqtt is None:
             return
-        if state is not None and self._connected.is_set():
+        if state is not None and self._mqtt.connected.is_set():
             self._publish(self.topics.server, protocol.control(
                 "server", state=state, round=self.next_round,
                 rounds=self.config.rounds), retain=True)
-        self._client.disconnect()
-        self._client.loop_stop()
-        self._client = None
+        self._mqtt.stop()
+        self._mqtt = None
 
     # ---------------------------------------------------------------- rounds
     def run(self) -> Tensors:
@@ -320,13 +285,13 @@ class Aggregator:
         ``stop()`` holds after a message; status messages update ``online``."""
         while True:
             try:
-                topic, payload = self._events.get(timeout=max(0.0, until -
-                                                              time.monotonic()))
+                topic, payload = self._mqtt.events.get(
+                    timeout=max(0.0, until - time.monotonic()))
             except queue.Empty:
                 return
             self._handle(topic, payload)
             if (stop is not None and stop()) or (
-                    time.monotonic() >= until and self._events.empty()):
+                    time.monotonic() >= until and self._mqtt.events.empty()):
                 return
 
     def _available(self) -> list[str]:
@@ -478,7 +443,7 @@ class Aggregator:
 
     # ---------------------------------------------------------------- messages
     def _handle(self, topic: str, payload: bytes) -> None:
-        if topic == RECONNECTED:
+        if topic == CONNECTED:
             self._republish()
             return
         device = self.topics.device_of(topic, "status")
@@ -566,4 +531,4 @@ class Aggregator:
 
     def _ack(self, device: str, rnd: int, accepted: bool, reason: str) -> None:
         data = protocol.control("ack", round=rnd, accepted=accepted, reason=reason[:500])
-        self._client.publish(self.topics.ack(device), data, qos=1)
+        self._mqtt.paho.publish(self.topics.ack(device), data, qos=1)

@@ -15,19 +15,12 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sparsefedpp.runtime import codec, models, protocol
-from sparsefedpp.runtime.broker import (
-    BrokerSettings,
-    ConnectWaiter,
-    connect,
-    make_client,
-    publish_confirmed,
-)
+from sparsefedpp.runtime.broker import CONNECTED, BrokerSettings, QueuedClient
 from sparsefedpp.runtime.checkpoint import write_atomic
 from sparsefedpp.runtime.errors import CodecError, ConfigError, SparseFedError
 
@@ -39,7 +32,6 @@ logger = logging.getLogger(__name__)
 
 UPDATE_FILE = "update.sfpp"
 STATE_FILE = "agent.json"
-CONNECTED = "\0connected"  # a queue event, never a topic (MQTT forbids NUL)
 
 
 @dataclass(frozen=True)
@@ -81,8 +73,7 @@ class DeviceAgent:
         self.state_dir = Path(config.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.rounds_trained = 0
-        self._events: queue.Queue = queue.Queue()
-        self._connected = threading.Event()
+        self._mqtt: QueuedClient | None = None
         self._models = protocol.Reassembler(max_total=config.max_model_bytes)
         self._round: dict | None = None       # the current announcement
         self._model: bytes | None = None      # the current global model payload
@@ -136,64 +127,42 @@ class DeviceAgent:
         return None if self._stored is None else self._stored[0]
 
     # ---------------------------------------------------------------- broker
-    def _on_connect(self, client, userdata, flags, reason_code, properties):
-        self._waiter.connected(reason_code)
-        if reason_code.is_failure:
-            logger.error("broker refused the connection: %s", reason_code)
-            return
-        t = self.topics
-        client.subscribe([(t.round, 1), (t.ack(self.config.device_id), 1),
-                          (t.server, 1)])
-        client.publish(t.status(self.config.device_id),
+    def _announce_online(self, client) -> None:  # on every (re)connect
+        client.publish(self.topics.status(self.config.device_id),
                        protocol.control("status", state="online"), qos=1, retain=True)
-        self._connected.set()
-        self._events.put((CONNECTED, b""))
-        logger.info("connected to %s", self.broker.url)
-
-    def _on_disconnect(self, client, userdata, flags, reason_code, properties):
-        self._connected.clear()
-        if reason_code != 0:
-            logger.warning("disconnected (%s); reconnecting with backoff", reason_code)
-
-    def _on_message(self, client, userdata, message):
-        self._events.put((message.topic, bytes(message.payload)))
 
     def _status(self, state: str, rnd: int | None = None, detail: str = "") -> None:
-        if self._connected.is_set():
-            self._client.publish(self.topics.status(self.config.device_id),
-                                 protocol.control("status", state=state, round=rnd,
-                                                  detail=detail[:500]),
-                                 qos=1, retain=True)
+        if self._mqtt.connected.is_set():
+            self._mqtt.paho.publish(self.topics.status(self.config.device_id),
+                                    protocol.control("status", state=state, round=rnd,
+                                                     detail=detail[:500]),
+                                    qos=1, retain=True)
 
     # ---------------------------------------------------------------- main loop
     def run(self) -> int:
         """Serve rounds until told to stop; returns the number of rounds trained."""
         c = self.config
-        self._waiter = ConnectWaiter(self.broker)
-        self._client = make_client(self.broker, f"sfpp-client-{c.device_id}",
-                                   will_topic=self.topics.status(c.device_id),
-                                   will_payload=protocol.OFFLINE)
-        self._client.on_connect = self._on_connect
-        self._client.on_disconnect = self._on_disconnect
-        self._client.on_message = self._on_message
-        connect(self._client, self.broker)
+        t = self.topics
+        self._mqtt = mqtt = QueuedClient(
+            self.broker, f"sfpp-client-{c.device_id}",
+            [t.round, t.ack(c.device_id), t.server], logger,
+            will_topic=t.status(c.device_id), will_payload=protocol.OFFLINE,
+            on_connected=self._announce_online)
         try:
-            if c.connect_timeout is not None:
-                self._waiter.wait(c.connect_timeout)
+            mqtt.start(c.connect_timeout)
             while not self._done():
                 try:
-                    topic, payload = self._events.get(timeout=1.0)
+                    topic, payload = mqtt.events.get(timeout=1.0)
                 except queue.Empty:
                     self._maybe_resend()
                     continue
                 self._handle(topic, payload)
         finally:
-            if self._connected.is_set():
-                info = self._client.publish(self.topics.status(c.device_id),
-                                            protocol.OFFLINE, qos=1, retain=True)
+            if mqtt.connected.is_set():
+                info = mqtt.paho.publish(t.status(c.device_id), protocol.OFFLINE, qos=1,
+                                         retain=True)
                 info.wait_for_publish(5)
-            self._client.disconnect()
-            self._client.loop_stop()
+            mqtt.stop()
         return self.rounds_trained
 
     def _done(self) -> bool:
@@ -228,7 +197,7 @@ class DeviceAgent:
                 self._stored_round() != ann["round"] and (
                 self._model is None or
                 protocol.digest_of(self._model) != ann["model"]["digest"]):
-            self._client.subscribe(self.topics.model("+"), qos=1)
+            self._mqtt.paho.subscribe(self.topics.model("+"), qos=1)
         self._maybe_resend(force=True)
 
     def _on_server(self, payload: bytes) -> None:
@@ -265,11 +234,11 @@ class DeviceAgent:
                 ann["model"]["digest"]:
             self._train(self._model)
         else:
-            self._client.subscribe(self.topics.model("+"), qos=1)
+            self._mqtt.paho.subscribe(self.topics.model("+"), qos=1)
 
     def _unsubscribe_model(self) -> None:
-        if self._connected.is_set():
-            self._client.unsubscribe(self.topics.model("+"))
+        if self._mqtt.connected.is_set():
+            self._mqtt.paho.unsubscribe(self.topics.model("+"))
 
     def _on_model_chunk(self, payload: bytes) -> None:
         if not payload or self._round is None:
@@ -342,8 +311,8 @@ class DeviceAgent:
         me = self.config.device_id
         chunks = protocol.split(data, self.config.chunk_bytes)
         for chunk in chunks:
-            publish_confirmed(self._client, self._connected, self.topics.update(me),
-                              chunk, timeout=self.config.publish_timeout)
+            self._mqtt.publish_confirmed(self.topics.update(me), chunk,
+                                         timeout=self.config.publish_timeout)
         self._sent_at = time.monotonic()
         logger.info("round %d: update sent (%d bytes, %d chunks)", rnd + 1, len(data),
                     len(chunks))
@@ -351,7 +320,7 @@ class DeviceAgent:
 
     def _maybe_resend(self, force: bool = False) -> None:
         """Re-send a stored, unacknowledged update of the current round."""
-        if self._round is None or not self._connected.is_set():
+        if self._round is None or not self._mqtt.connected.is_set():
             return
         stored = self._stored
         if stored is None or stored[0] != self._round["round"] or \
