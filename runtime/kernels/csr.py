@@ -526,18 +526,13 @@ def csr_conv2d_forward(x: np.ndarray, data, indices, indptr, kshape: tuple,
 def _conv_forward(x, data, indices, indptr, kshape, stride, pad, path: str,
                   bias=None):
     """csr_conv2d_forward on a given path: "auto", "planes" or "direct"."""
-    x = _conv_input(x, "csr_conv2d_forward")
-    plan = plan_conv2d_forward(data, indices, indptr, kshape, x.shape, stride, pad,
-                               path)
-    return plan.run(x, None if bias is None else as_f32(bias, "csr_conv2d_forward: "
-                                                          "bias"))
-
-
-def _conv_input(x, what: str) -> np.ndarray:
+    what = "csr_conv2d_forward"
     # writable: conv._phases has no read-only signature (decoded buffers are read-only)
     x = np.require(as_f32(x, f"{what}: x"), requirements=["W"])
     check_ndim(x, 4, what, "(N, C, H, W)")
-    return x
+    plan = plan_conv2d_forward(data, indices, indptr, kshape, x.shape, stride, pad,
+                               path)
+    return plan.run(x, None if bias is None else as_f32(bias, f"{what}: bias"))
 
 
 class ConvForwardPlan(NamedTuple):
