@@ -47,9 +47,17 @@ import numpy as np
 from sparsefedpp.runtime.errors import ConfigError, SparseFedError, TransportError
 
 from .cmd_serve import config_toml
+from .mosquitto_conf import (
+    HOST,
+    PLAIN_PORT,
+    SHIPPED_CONF,
+    TLS_PORT,
+    find_binary,
+    free_port,
+    render_config,
+)
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-HOST = "127.0.0.1"
 PREFIX = "sfpp"
 SAMPLE_EVERY = 0.2          # seconds between /proc reads
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -118,28 +126,17 @@ class MqttBenchConfig:
 
 # ---------------------------------------------------------------- small helpers
 
-def find_mosquitto() -> str | None:
-    """The broker binary (/usr/sbin is often missing from PATH), or None."""
-    for candidate in (shutil.which("mosquitto"), "/usr/sbin/mosquitto",
-                      "/usr/bin/mosquitto"):
-        if candidate and os.access(candidate, os.X_OK):
-            return candidate
-    return None
-
-
 def require_mosquitto() -> str:
-    path = find_mosquitto()
+    path = find_binary("mosquitto")
     if path is None:
         raise ConfigError("bench-mqtt: expected the mosquitto broker at "
                           "/usr/sbin/mosquitto or on PATH, got none; apt-get install "
                           "mosquitto")
+    if not SHIPPED_CONF.is_file():
+        raise ConfigError(f"bench-mqtt: expected the shipped broker config at "
+                          f"{SHIPPED_CONF}, got none; run it from a source checkout "
+                          f"(pip install -e .)")
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
 
 
 def percentile(values, q: float) -> float:
@@ -305,31 +302,24 @@ class Sampler:
 # ---------------------------------------------------------------- the broker
 
 class Broker:
-    """A Mosquitto with a generated anonymous config on a free localhost port."""
+    """A Mosquitto on a free localhost port, configured from the shipped
+    ``deploy/mosquitto/mosquitto.conf`` (its limits, queues and session settings)
+    with the TLS listener, the logins and persistence off, and $SYS every second
+    for the monitor."""
 
     def __init__(self, folder: Path, binary: str):
         self.folder = folder
         self.port = free_port()
         self.config_path = folder / "mosquitto.conf"
         self.log_path = folder / "mosquitto.log"
-        lines = [
-            f"listener {self.port} {HOST}",
-            "allow_anonymous true",
-            "persistence false",
-            "sys_interval 1",
-            # the shipped deploy/mosquitto limits
-            "max_packet_size 4194304",
-            "max_inflight_messages 20",
-            "max_queued_messages 1000",
-            "message_size_limit 0",
-            f"log_dest file {self.log_path}",
-            "log_type error",
-            "log_type warning",
-            "log_type notice",
-        ]
+        append = (f"sys_interval 1\nlog_dest file {self.log_path}\n"
+                  "log_type error\nlog_type warning\nlog_type notice\n")
         if os.geteuid() == 0:  # as root Mosquitto would switch to the user mosquitto
-            lines.append("user root")
-        self.config_path.write_text("\n".join(lines) + "\n")
+            append += "user root\n"
+        self.config_path.write_text(render_config(
+            SHIPPED_CONF.read_text(), listeners={TLS_PORT: None, PLAIN_PORT: self.port},
+            allow_anonymous=True, password_file=None, acl_file=None, persistence=False,
+            persistence_location=None, append=append))
         self.binary = binary
         self.proc: subprocess.Popen | None = None
 

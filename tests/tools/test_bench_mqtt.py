@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from sparsefedpp.tools import bench_mqtt
 from sparsefedpp.tools.bench_mqtt import MqttBenchConfig, format_table, run_bench
+from sparsefedpp.tools.mosquitto_conf import find_binary
 
 pytestmark = pytest.mark.mqtt
 
@@ -30,7 +31,7 @@ def _data() -> str:
 
 def test_three_devices_one_round(tmp_path):
     # Arrange
-    if bench_mqtt.find_mosquitto() is None:
+    if find_binary("mosquitto") is None:
         _need("mosquitto not found; apt-get install mosquitto")
     cfg = MqttBenchConfig(devices=3, rounds=1, data=_data(), limit=16, test_limit=50,
                           timeout=120)
