@@ -1,7 +1,7 @@
 """Load benchmark of an MQTT federation: one broker, one aggregator, N device processes.
 
-``run_bench`` starts its own Mosquitto on a free port (an anonymous, generated
-config, persistence off, ``sys_interval 1``), shards a dataset over N devices,
+``run_bench`` starts its own Mosquitto on a free port (the shipped config,
+anonymous, plain listener only, persistence off, ``sys_interval 1``), shards a dataset over N devices,
 starts N ``sparsefedpp client`` processes and one ``sparsefedpp serve`` at the
 same moment, and measures, while a paho subscriber watches ``$SYS/broker/...``,
 ``sfpp/round`` and ``sfpp/status/+`` and a sampler thread reads ``/proc`` every
