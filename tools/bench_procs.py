@@ -1,11 +1,15 @@
-"""Run one ``bench_worker`` subprocess and collect its JSON line, error or timeout."""
+"""Run ``bench_worker`` subprocesses: one-shot (its JSON line, error or timeout) or
+persistent (``ServingWorker``: timed turns on request)."""
 
 from __future__ import annotations
 
 import json
 import os
+import queue
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from dataclasses import dataclass
 
@@ -106,3 +110,100 @@ def run_worker(name: str, argv: list[str], *, env: dict, timeout: float) -> Work
         return WorkerRun(name, None, wall, error="no JSON result line on stdout; "
                          f"stderr tail:\n{_tail(proc.stderr)}")
     return WorkerRun(name, record, wall)
+
+
+class WorkerFailed(Exception):
+    """A serving worker died, timed out or answered an error; ``run`` says which."""
+
+    def __init__(self, run: WorkerRun):
+        super().__init__(run.error or run.unavailable)
+        self.run = run
+
+
+class ServingWorker:
+    """A persistent ``bench_worker --serve`` process: set up once, then timed turns
+    on request (``request``), so the parent can alternate it with another worker.
+
+    stdout is read by a thread into a queue (a bounded wait per answer); stderr goes
+    to a temporary file, whose tail explains a failure.
+    """
+
+    def __init__(self, name: str, argv: list[str], *, env: dict, timeout: float):
+        self.name, self.timeout = name, timeout
+        self.start = time.perf_counter()
+        self._stderr = tempfile.TemporaryFile(mode="w+", encoding="utf-8",
+                                              errors="replace")
+        cmd = [sys.executable, "-m", "sparsefedpp.tools.bench_worker", *argv, "--serve"]
+        self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self._stderr,
+                                     text=True, bufsize=1)
+        self._lines: queue.Queue = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+        self._ready: dict | None = None
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def _fail(self, why: str, unavailable: str | None = None) -> WorkerFailed:
+        self.kill()
+        self._stderr.seek(0)
+        run = WorkerRun(self.name, None, time.perf_counter() - self.start,
+                        error=None if unavailable else
+                        f"{why}; stderr tail:\n{_tail(self._stderr.read())}",
+                        unavailable=unavailable)
+        return WorkerFailed(run)
+
+    def _answer(self) -> dict:
+        """The next JSON line of the worker (other stdout lines are skipped)."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise self._fail(f"timed out after {self.timeout:g} s (killed)") from None
+            if line is None:
+                code = self.proc.wait()
+                raise self._fail(f"exit code {code} before it answered")
+            if not line.startswith("{"):
+                continue
+            record = json.loads(line)
+            if record.get("unavailable"):
+                raise self._fail("", unavailable=record["unavailable"])
+            if not record.get("ok"):
+                raise self._fail(f"worker error: {record.get('error')}")
+            return record
+
+    def ready(self) -> dict:
+        """The ready record (set-up results such as the logits check), once."""
+        if self._ready is None:
+            self._ready = self._answer()
+        return self._ready
+
+    def _send(self, request: dict) -> None:
+        try:
+            self.proc.stdin.write(json.dumps(request) + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            raise self._fail("its stdin closed (it exited)") from None
+
+    def request(self, op: str, n: int) -> list[float]:
+        """One turn: an untimed then ``n`` timed calls of ``op``; their times (ms)."""
+        self.ready()
+        self._send({"op": op, "n": n})
+        return self._answer()["times_ms"]
+
+    def close(self) -> dict:
+        """End the worker; its final record (peak RSS, versions) plus ``wall_s``."""
+        self.ready()
+        self._send({"op": "done"})
+        record = self._answer()
+        self.proc.wait(timeout=self.timeout)
+        self._stderr.close()
+        return {**record, "wall_s": time.perf_counter() - self.start}
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()

@@ -5,6 +5,13 @@ TASK is ``speed`` (train-step and inference times), ``rss`` (RSS after imports a
 peak RSS of a few train steps), ``first-step`` (import + build + one train step)
 or ``sparse`` (our engine at a given weight/activation sparsity).
 
+With ``--serve`` (tasks ``speed`` and ``sparse``) the worker sets up, prints a
+``ready`` line, then times what the parent asks for, one JSON request a line on
+stdin: ``{"op": "train", "n": 5}`` runs one untimed and 5 timed calls and answers
+``{"ok": true, "op": "train", "times_ms": [...]}``; ``{"op": "done"}`` ends with
+the final record (peak RSS). So two persistent workers, ours and torch, can take
+turns (``tools.timing.take_turns``) and every turn has a partner to divide by.
+
 One framework per process, because torch's OpenMP threads keep spinning after a
 torch call and add a floor of milliseconds to every NumPy call made in the same
 process, and because peak RSS must be per framework. So this module imports only
@@ -271,18 +278,10 @@ def task_sparse(fw, args) -> dict:
     Times train steps and inference (kernels picked automatically, then forced
     dense), and reads the cost report of one step and the peak RSS.
     """
-    rt = fw.rt
-    from sparsefedpp.runtime import accounting, activation_policy, pruning
+    from sparsefedpp.runtime import accounting, pruning
 
     s = args.sparsity
-    fw.model = rt.build(args.model, alpha=args.alpha, seed=args.seed)
-    fw.opt = rt.SGD(fw.model.params(), fw.model.grads(), LR, momentum=MOMENTUM,
-                    weight_decay=WEIGHT_DECAY)
-    if s > 0:
-        pruning.prune(fw.model, s, scope="layer")
-        activation_policy.fixed(fw.model, s, refresh_every=10, first_layer_dense=False,
-                                weights=False)
-    x, y = make_batch(args.batch_size, args.seed)
+    x, y = prepare_sparse(fw, args)
     for _ in range(args.warmup):
         fw.train_step(x, y)
     out = {"train_ms": [timed(fw.train_step, x, y) for _ in range(args.repeats)]}
@@ -302,6 +301,102 @@ def task_sparse(fw, args) -> dict:
     out["sparsity"] = s
     out["alpha"] = args.alpha
     return out
+
+
+def setup_speed(fw, args) -> tuple[dict, dict]:
+    """``--serve speed``: the model and batch, the logits check and the warm-up;
+    returns the timed operations and the ready record."""
+    import numpy as np
+
+    fw.build(args.model, args.state, args.seed)
+    x, y = fw.batch(*make_batch(args.batch_size, args.seed))
+    ready = {}
+    logits = np.asarray(fw.logits(x), dtype=np.float32)
+    if args.logits_out:
+        np.save(args.logits_out, logits)
+    if args.logits_ref and os.path.exists(args.logits_ref):
+        ready["max_abs_logit_diff"] = float(np.abs(logits - np.load(args.logits_ref))
+                                            .max())
+    for _ in range(args.warmup):
+        fw.train_step(x, y)
+    for _ in range(args.warmup):
+        fw.infer(x)
+    return {"train": lambda: fw.train_step(x, y), "infer": lambda: fw.infer(x)}, ready
+
+
+def prepare_sparse(fw, args):
+    """Our model at sparsity S as ``task_sparse`` describes; returns the batch."""
+    rt = fw.rt
+    from sparsefedpp.runtime import activation_policy, pruning
+
+    s = args.sparsity
+    fw.model = rt.build(args.model, alpha=args.alpha, seed=args.seed)
+    fw.opt = rt.SGD(fw.model.params(), fw.model.grads(), LR, momentum=MOMENTUM,
+                    weight_decay=WEIGHT_DECAY)
+    if s > 0:
+        pruning.prune(fw.model, s, scope="layer")
+        activation_policy.fixed(fw.model, s, refresh_every=10, first_layer_dense=False,
+                                weights=False)
+    return make_batch(args.batch_size, args.seed)
+
+
+def setup_sparse(fw, args) -> tuple[dict, dict]:
+    """``--serve sparse``: train, inference with the automatic kernels and with the
+    dense ones (``infer_dense`` switches every conv/linear to its dense kernel for
+    the call); the ready record holds the cost report of one train step."""
+    from sparsefedpp.runtime import accounting, pruning
+
+    x, y = prepare_sparse(fw, args)
+    for _ in range(max(1, args.warmup)):
+        fw.train_step(x, y)
+    ready = {"cost": accounting.cost_report(fw.model).totals,
+             "weight_sparsity": pruning.global_sparsity(fw.model),
+             "sparsity": args.sparsity, "alpha": args.alpha}
+    layers = list(pruning.prunable_layers(fw.model).values())
+
+    def infer_dense():
+        kernels = [layer.kernel for layer in layers]
+        for layer in layers:
+            layer.kernel = "dense"
+        try:
+            fw.infer(x)
+        finally:
+            for layer, kernel in zip(layers, kernels, strict=True):
+                layer.kernel = kernel
+
+    for _ in range(args.warmup):
+        fw.infer(x)
+        infer_dense()
+    return {"train": lambda: fw.train_step(x, y), "infer": lambda: fw.infer(x),
+            "infer_dense": infer_dense}, ready
+
+
+SETUPS = {"speed": setup_speed, "sparse": setup_sparse}
+
+
+def serve(fw, args, requests=None) -> dict:
+    """Set up, print the ready line, answer timing requests until ``done``."""
+    if args.task not in SETUPS:
+        raise SystemExit(f"--serve: expected task {' or '.join(SETUPS)}, got "
+                         f"{args.task!r}")
+    ops, ready = SETUPS[args.task](fw, args)
+    emit({"ok": True, "ready": True, "ops": sorted(ops), **ready})
+    for line in requests if requests is not None else sys.stdin:
+        if not line.strip():
+            continue
+        request = json.loads(line)
+        op = request.get("op")
+        if op == "done":
+            break
+        if op not in ops:
+            emit({"ok": False, "error": f"unknown op {op!r}; expected one of "
+                  f"{', '.join(sorted(ops))} or done"})
+            continue
+        fn = ops[op]
+        fn()  # untimed: the first call after the other worker's turn
+        emit({"ok": True, "op": op,
+              "times_ms": [timed(fn) for _ in range(int(request.get("n", 1)))]})
+    return {"peak_rss_mb": peak_rss_mb(), **ready}
 
 
 TASKS = {"speed": task_speed, "rss": task_rss, "first-step": task_first_step,
@@ -330,6 +425,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--alpha", type=float, default=1.25, help="task sparse: Powerprop")
     p.add_argument("--logits-out", default=None, help="save eval logits (.npy)")
     p.add_argument("--logits-ref", default=None, help="compare eval logits (.npy)")
+    p.add_argument("--serve", action="store_true",
+                   help="speed/sparse: answer timing requests on stdin (see above)")
     return p.parse_args(argv)
 
 
@@ -338,7 +435,7 @@ def main(argv=None) -> int:
     fw = load_framework(args.framework, args.threads)
     rss_after_import = proc_status_mb("VmRSS")
     import_s = time.perf_counter() - _T0
-    result = TASKS[args.task](fw, args)
+    result = serve(fw, args) if args.serve else TASKS[args.task](fw, args)
     emit({"ok": True, "task": args.task, "framework": args.framework,
           "model": args.model, "batch_size": args.batch_size,
           "rss_after_import_mb": rss_after_import, "import_s": import_s,

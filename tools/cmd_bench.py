@@ -1,17 +1,21 @@
-"""``sparsefedpp bench``: our engine against PyTorch, each measurement in a fresh process.
+"""``sparsefedpp bench``: our engine against PyTorch, the two taking turns.
 
 Measures train-step time (zero_grad + forward + loss + backward + SGD step) and
 inference time of ResNet-8 and ResNet-18, the peak RSS of a training process, and
 the time to the first train step in a new process with a warm Numba cache; prints
-ratios ours/PyTorch next to the issue's targets.
+ratios ours/PyTorch next to the issue's targets, with a verdict per row.
 
-Every measurement is one ``bench_worker`` subprocess running one framework: torch's
-OpenMP threads keep spinning after each torch call and slow NumPy down in the same
-process, and peak RSS has to be per framework. Peak RSS is the worker's ``VmHWM``:
-on Linux a child's ``ru_maxrss`` starts at its parent's peak (the kernel carries
-it over at exec), which would charge this process's memory to every worker. Both
-frameworks load the same weights (our ``state_dict()`` saved to an .npz), run the
-same random batch, and the torch worker checks its eval logits against ours.
+Each framework runs in its own ``bench_worker`` process: torch's OpenMP threads
+keep spinning after each torch call and slow NumPy down in the same process, and
+peak RSS has to be per framework. The speed workers persist (``--serve``) and take
+turns of ``--block`` steps (``tools.timing.take_turns``, the order rotating), so
+a slow spell of the shared machine falls on both; a time ratio is the median over
+turns of median(ours) / median(torch) in the turn, with its min-max over the
+turns. Peak RSS is a fresh worker's ``VmHWM``: on Linux a child's ``ru_maxrss``
+starts at its parent's peak (the kernel carries it over at exec), which would
+charge this process's memory to every worker. Both frameworks load the same
+weights (our ``state_dict()`` saved to an .npz), run the same random batch, and
+the torch worker checks its eval logits against ours.
 """
 
 from __future__ import annotations
@@ -28,15 +32,17 @@ import numpy as np
 from sparsefedpp.runtime import models
 from sparsefedpp.runtime.errors import ConfigError
 
-from .bench_procs import WorkerRun, run_worker, worker_env
+from .bench_procs import ServingWorker, WorkerFailed, WorkerRun, run_worker, worker_env
 from .bench_report import FIRST_STEP_MODEL, build_rows, format_markdown, format_text
 from .cmd_train import add_common
 from .metrics import MetricsWriter
 from .progress import say
+from .timing import take_turns
 
 MODELS = ("resnet8", "resnet18")
 #: (normal, --quick) defaults of the flags left unset
-DEFAULTS = {"repeats": (20, 5), "warmup": (3, 1), "rss_steps": (5, 2)}
+DEFAULTS = {"repeats": (20, 5), "warmup": (3, 1), "rss_steps": (5, 2),
+            "block": (5, 1)}
 DEFAULT_THREADS = 2
 #: eval logits of the two frameworks further apart than this mean unequal models
 LOGITS_TOLERANCE = 1e-3
@@ -49,6 +55,7 @@ class BenchConfig:
     warmup: int
     repeats: int
     rss_steps: int
+    block: int
     threads: int
     threads_explicit: bool
     timeout: float
@@ -70,6 +77,8 @@ def add_parser(sub) -> None:
                    help="timed steps per measurement (default 20; --quick: 5)")
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed steps first (default 3; --quick: 1)")
+    p.add_argument("--block", type=int, default=None,
+                   help="steps per turn of each framework (default 5; --quick: 1)")
     p.add_argument("--rss-steps", type=int, default=None,
                    help="train steps of the peak-RSS worker (default 5; --quick: 2)")
     p.add_argument("--threads", type=int, default=None,
@@ -102,6 +111,7 @@ def make_config(args) -> BenchConfig:
                              ("--repeats", picked["repeats"], 1),
                              ("--warmup", picked["warmup"], 0),
                              ("--rss-steps", picked["rss_steps"], 1),
+                             ("--block", picked["block"], 1),
                              ("--threads", threads, 1)):
         if value < low:
             raise ConfigError(f"{flag}: expected an integer >= {low}, got {value}")
@@ -123,42 +133,102 @@ class Session:
                                                 force=config.threads_explicit)
         self.with_torch = config.with_torch
         self.results: dict[tuple[str, str, str], dict] = {}
+        #: (framework, op, model) -> per-turn times (ms) of the speed workers
+        self.turns: dict[tuple[str, str, str], list[list[float]]] = {}
         self.errors: list[WorkerRun] = []
         self.notes: list[str] = []
         self.checks: dict[str, float] = {}
         if not self.with_torch:
             self.notes.append("--no-torch: our engine only")
 
-    def worker(self, framework: str, task: str, model: str, *extra) -> dict | None:
-        """Run one worker; its record (plus ``wall_s``), or None if it failed."""
-        if framework == "torch" and not self.with_torch:
-            return None
+    def argv(self, framework: str, task: str, model: str, *extra) -> list[str]:
         c = self.config
-        name = f"{framework} {task} {model}"
-        argv = [task, "--framework", framework, "--model", model,
+        return [task, "--framework", framework, "--model", model,
                 "--batch-size", str(c.batch_size), "--warmup", str(c.warmup),
                 "--repeats", str(c.repeats), "--rss-steps", str(c.rss_steps),
                 "--threads", str(c.threads), "--seed", str(c.seed),
                 *(str(e) for e in extra)]
-        run = run_worker(name, argv, env=self.env, timeout=c.timeout)
+
+    def failed(self, run: WorkerRun) -> None:
+        """Record a failed worker, or note that torch is unavailable."""
         if run.unavailable:
             self.with_torch = False
             self.notes.append(f"{run.unavailable} (in a worker process); "
                               "measuring our engine only")
             say(f"bench: {run.unavailable}; measuring our engine only",
                 quiet=self.quiet)
+            return
+        self.errors.append(run)
+        say(f"bench: {run.name}: FAILED (the error follows the table)",
+            quiet=self.quiet)
+        self.metrics.write("error", worker=run.name, wall_s=run.wall_s,
+                           message=run.error)
+
+    def worker(self, framework: str, task: str, model: str, *extra) -> dict | None:
+        """Run one worker; its record (plus ``wall_s``), or None if it failed."""
+        if framework == "torch" and not self.with_torch:
             return None
+        name = f"{framework} {task} {model}"
+        run = run_worker(name, self.argv(framework, task, model, *extra), env=self.env,
+                         timeout=self.config.timeout)
         if not run.ok:
-            self.errors.append(run)
-            say(f"bench: {name}: FAILED (the error follows the table)",
-                quiet=self.quiet)
-            self.metrics.write("error", worker=name, wall_s=run.wall_s,
-                               message=run.error)
+            self.failed(run)
             return None
         say(f"bench: {name}: {run.wall_s:.1f} s", quiet=self.quiet)
         record = {**run.result, "wall_s": run.wall_s}
         self.metrics.write("worker", worker=name, **record)
         return record
+
+    def serving(self, framework: str, model: str, *extra) -> ServingWorker | None:
+        """A persistent speed worker, set up (None if it failed or torch is absent)."""
+        if framework == "torch" and not self.with_torch:
+            return None
+        name = f"{framework} speed {model}"
+        worker = ServingWorker(name, self.argv(framework, "speed", model, *extra),
+                               env=self.env, timeout=self.config.timeout)
+        try:
+            worker.ready()
+        except WorkerFailed as err:
+            self.failed(err.run)
+            return None
+        return worker
+
+    def speed(self, name: str, state: Path, logits: Path) -> None:
+        """Train steps, then inferences, of both frameworks in turns."""
+        c = self.config
+        workers = {"ours": self.serving("ours", name, "--state", state,
+                                        "--logits-out", logits)}
+        if workers["ours"] is None:
+            return
+        torch = self.serving("torch", name, "--state", state, "--logits-ref", logits)
+        if torch is not None:
+            workers["torch"] = torch
+            diff = torch.ready().get("max_abs_logit_diff")
+            if diff is not None:
+                self.checks[name] = diff
+                self.metrics.write("check", model=name, max_abs_logit_diff=diff,
+                                   tolerance=LOGITS_TOLERANCE)
+        try:
+            for op in ("train", "infer"):
+                turns = take_turns(lambda fw, n, op=op: workers[fw].request(op, n),
+                                   list(workers), c.repeats, block=c.block)
+                for fw, ts in turns.items():
+                    self.turns[(fw, op, name)] = ts
+            for fw, worker in workers.items():
+                record = worker.close()
+                record["train_ms"] = [t for ts in self.turns[(fw, "train", name)]
+                                      for t in ts]
+                record["infer_ms"] = [t for ts in self.turns[(fw, "infer", name)]
+                                      for t in ts]
+                self.results[(fw, "speed", name)] = record
+                self.metrics.write("worker", worker=f"{fw} speed {name}", **record)
+                say(f"bench: {fw} speed {name}: {record['wall_s']:.1f} s",
+                    quiet=self.quiet)
+        except WorkerFailed as err:
+            self.failed(err.run)
+        finally:
+            for worker in workers.values():
+                worker.kill()
 
     def store(self, framework: str, task: str, model: str, *extra) -> dict | None:
         record = self.worker(framework, task, model, *extra)
@@ -180,15 +250,7 @@ class Session:
         """Speed and peak RSS of one model, both frameworks on the same weights."""
         state = self.tmp / f"{name}-state.npz"
         np.savez(state, **models.build(name, seed=self.config.seed).state_dict())
-        logits = self.tmp / f"{name}-logits.npy"
-        self.store("ours", "speed", name, "--state", state, "--logits-out", logits)
-        record = self.store("torch", "speed", name, "--state", state,
-                            "--logits-ref", logits)
-        if record is not None and "max_abs_logit_diff" in record:
-            diff = record["max_abs_logit_diff"]
-            self.checks[name] = diff
-            self.metrics.write("check", model=name, max_abs_logit_diff=diff,
-                               tolerance=LOGITS_TOLERANCE)
+        self.speed(name, state, self.tmp / f"{name}-logits.npy")
         self.store("ours", "rss", name, "--state", state)
         self.store("torch", "rss", name, "--state", state)
 
@@ -208,7 +270,7 @@ def run(args) -> int:
         session.first_step()
         for name in config.models:
             session.model(name)
-        rows = build_rows(session.results, config.models)
+        rows = build_rows(session.results, config.models, session.turns)
         for row in rows:
             metrics.write("bench", **row.record())
         metrics.write("end", elapsed_seconds=time.perf_counter() - start,
@@ -247,8 +309,10 @@ def header(session: Session) -> list[str]:
     ours = next((r for (fw, _, _), r in session.results.items() if fw == "ours"), {})
     torch = next((r for (fw, _, _), r in session.results.items() if fw == "torch"), {})
     lines = [(f"sparsefedpp bench: batch {c.batch_size}, {c.warmup} warm-up + "
-              f"{c.repeats} timed steps (median, p90), peak RSS over {c.rss_steps} "
-              f"train steps, seed {c.seed}, python {platform.python_version()}")]
+              f"{c.repeats} timed steps (median, p90) in turns of {c.block} per "
+              "framework; ratio = median over turns of ours/torch [min-max over "
+              f"turns]; peak RSS over {c.rss_steps} train steps, seed {c.seed}, "
+              f"python {platform.python_version()}")]
     used = (f"threads: ours numba {ours.get('numba_threads', '?')}, openblas "
             f"{ours.get('blas_threads', '?')}")
     if torch:
