@@ -1,5 +1,6 @@
-"""FedAvg over sparse client models, with seeded client sampling, a quorum and an
-optional magnitude pruning of the global model (SparseFedPP's downlink)."""
+"""FedAvg over sparse client models, with seeded client sampling, a quorum, update
+screening (a norm bound on each update's change), an optional robust aggregator
+and an optional magnitude pruning of the global model (SparseFedPP's downlink)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,28 @@ import numpy as np
 from sparsefedpp.runtime.errors import ConfigError, DTypeError, ShapeError
 from sparsefedpp.runtime.pruning import SCOPES, nonzeros, prune
 
+from . import robust
 from .aggregate import Accumulator
 from .strategy import ClientInstruction, ClientResult, Strategy
 
 logger = logging.getLogger(__name__)
 
 Tensors = dict[str, np.ndarray]
+
+# Screening defaults, from clean runs (docs/robustness.md): over 20-client
+# Fashion-MNIST federations (CNN and ResNet-8, every method) the largest update
+# norm was MEASURED_MAX_MEDIAN_RATIO x its round's median and MEASURED_MAX_GLOBAL_RATIO
+# x the global model's norm; the defaults leave a wide margin above both and still
+# stop x1e3 (and x1e30) scaled updates.
+SCREEN_MEDIAN = 10.0
+SCREEN_GLOBAL = 10.0
+# Largest num_examples a result may claim: more than a small board trains on in a
+# round (Fashion-MNIST and CIFAR-10 hold 50-60k training images in all); above
+# it a result is a failure. The MQTT service also checks it against the device's
+# declared count.
+MAX_EXAMPLES = 100_000
+# Client metrics beyond this magnitude (or non-finite) are ignored.
+MAX_METRIC = 1e15
 
 
 def _check_int(value: object, what: str, minimum: int) -> int:
@@ -48,11 +65,14 @@ def _check_callable(value: object, what: str) -> None:
         raise ConfigError(f"FedAvg {what}: expected a callable or None, got {value!r}")
 
 
-def _result_problem(result: ClientResult) -> str:
+def _result_problem(result: ClientResult, max_examples: int) -> str:
     """Why a result cannot be averaged ('' if it can)."""
     n = result.num_examples
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
         return f"num_examples: expected an integer >= 1, got {n!r}"
+    if n > max_examples:
+        return (f"num_examples: expected at most max_examples={max_examples}, got {n}"
+                f" (one client would outweigh the others)")
     for name, arr in result.tensors.items():
         a = np.asarray(arr)
         if a.dtype.kind == "f" and not np.isfinite(a).all():
@@ -60,16 +80,43 @@ def _result_problem(result: ClientResult) -> str:
     return ""
 
 
+def _metric_value(value: object) -> float | None:
+    """A client metric as a float, or None when it is not a finite real number of
+    at most MAX_METRIC in magnitude (10**400 would overflow float())."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    try:
+        f = float(value)
+    except (OverflowError, ValueError, TypeError):
+        return None
+    return f if math.isfinite(f) and abs(f) <= MAX_METRIC else None
+
+
 def _fit_metrics(results: list[ClientResult]) -> dict[str, float]:
-    """Numeric client metrics averaged with the num_examples weights."""
+    """Numeric client metrics averaged with the num_examples weights; values that
+    are not finite numbers within +-MAX_METRIC are skipped."""
     sums: dict[str, float] = {}
     weights: dict[str, int] = {}
     for r in results:
+        if not isinstance(r.metrics, Mapping):
+            continue
         for key, value in r.metrics.items():
-            if isinstance(value, numbers.Real) and not isinstance(value, bool):
-                sums[key] = sums.get(key, 0.0) + float(value) * r.num_examples
+            f = _metric_value(value)
+            if f is not None and isinstance(key, str):
+                sums[key] = sums.get(key, 0.0) + f * r.num_examples
                 weights[key] = weights.get(key, 0) + r.num_examples
     return {key: sums[key] / weights[key] for key in sums}
+
+
+def _check_ratio(value: object, what: str) -> float:
+    try:
+        f = float(value)
+    except (TypeError, ValueError, OverflowError):
+        f = math.nan
+    if not (f == 0 or 1 <= f < math.inf):
+        raise ConfigError(f"FedAvg {what}: expected 0 (off) or a ratio >= 1, got "
+                          f"{value!r}")
+    return f
 
 
 class FedAvg(Strategy):
@@ -82,11 +129,22 @@ class FedAvg(Strategy):
     available, ``configure_round`` returns [] (the round is skipped).
 
     Aggregation: results with a repeated client id (kept: the first), fewer than
-    one example, NaN/inf tensors or names/shapes/dtypes that do not match the
-    reference are counted as failures and logged; the rest go through
-    :class:`~sparsefedpp.server.aggregate.Accumulator` (float32 out, float64
-    sums; integer buffers rounded half up). Fewer than ``min_clients`` usable
-    results: ``aggregate`` logs why and returns None (keep the old model).
+    one or more than ``max_examples`` examples, NaN/inf tensors or names/shapes/
+    dtypes that do not match the global model are counted as failures and logged.
+    Then screening (:func:`~sparsefedpp.server.robust.screen`): the L2 norm of
+    each result's change from the global model must be at most ``screen_median``
+    x the round's median change (rounds of 3 or more results) and at most
+    ``screen_global`` x the global model's norm; the others are failures too. The
+    rest go through :class:`~sparsefedpp.server.aggregate.Accumulator` (float32
+    out, float64 sums; integer buffers rounded half up), or through
+    :func:`~sparsefedpp.server.robust.robust_mean` for a robust ``aggregator``.
+    Fewer than ``min_clients`` usable results, or a non-finite aggregate:
+    ``aggregate`` logs why and returns None (keep the old model).
+
+    The global model that screening compares against is ``initial``, then each
+    model ``aggregate`` returns; a round loop that loads a global model from
+    elsewhere (a resumed service) passes it to ``set_global``. Until one is known
+    (no ``initial``), the first round is not screened.
 
     Parameters
     ----------
@@ -118,13 +176,28 @@ class FedAvg(Strategy):
         scores a pruned copy; keys become ``f"{key}@{sparsity:g}"``, e.g.
         ``"accuracy@0.99"``, plus ``"nonzeros@0.99"`` (per-layer counts). Needs
         ``evaluate_fn`` and ``prune_model``.
+    initial : dict of str to np.ndarray, optional
+        The global model the first round's clients start from (copied).
+    aggregator : str
+        ``"fedavg"`` (weighted mean), ``"clip"`` (each change clipped to the
+        median norm, then the weighted mean), ``"trimmed-mean"`` or ``"median"``
+        (coordinate-wise, unweighted); the robust ones need ``initial``.
+    trim : float
+        Trimmed mean: fraction of the results dropped at each end of every
+        coordinate, in [0, 0.5) (``robust.trim_count``).
+    screen_median, screen_global : float
+        Screening ratios (see above), >= 1, or 0 to turn that bound off.
+    max_examples : int
+        Largest num_examples a result may claim, >= 1.
 
     Attributes
     ----------
     last_round : dict
         Summary of the last ``aggregate``: round, num_results, num_failures,
         num_examples, failures [(client_id, reason)], fit_metrics (the clients'
-        numeric metrics averaged by num_examples).
+        numeric metrics averaged by num_examples), screening (median and bound
+        of the round's change norms, the global model's norm, and per client its
+        norm and ratio to the median), aggregator.
     """
 
     def __init__(self, *, per_round: int, min_clients: int = 1, seed: int = 0,
@@ -132,7 +205,11 @@ class FedAvg(Strategy):
                  prune_to: float | None = None, prune_scope: str = "global",
                  prune_model=None,
                  evaluate_fn: Callable[[Tensors], dict] | None = None,
-                 eval_sparsities: tuple = ()) -> None:
+                 eval_sparsities: tuple = (), initial: Tensors | None = None,
+                 aggregator: str = "fedavg", trim: float = 0.1,
+                 screen_median: float = SCREEN_MEDIAN,
+                 screen_global: float = SCREEN_GLOBAL,
+                 max_examples: int = MAX_EXAMPLES) -> None:
         self.per_round = _check_int(per_round, "per_round", 1)
         self.min_clients = _check_int(min_clients, "min_clients", 1)
         if self.min_clients > self.per_round:
@@ -168,7 +245,25 @@ class FedAvg(Strategy):
                               "(prune_to or eval_sparsities is set), got None; pass "
                               "models.build(...) of the clients' architecture")
         self.prune_model = prune_model
+        self.aggregator, self.trim = robust.check_aggregator(aggregator, trim)
+        if self.aggregator != "fedavg" and initial is None:
+            raise ConfigError(f"FedAvg aggregator {self.aggregator!r}: expected the "
+                              f"initial global model too (initial=...), got none")
+        self.screen_median = _check_ratio(screen_median, "screen_median")
+        self.screen_global = _check_ratio(screen_global, "screen_global")
+        self.max_examples = _check_int(max_examples, "max_examples", 1)
+        self._global: Tensors | None = None
+        if initial is not None:
+            self.set_global(initial)
         self.last_round: dict = {}
+
+    def set_global(self, tensors: Tensors) -> None:
+        """The current global model (copied): what the next round's updates are
+        screened against."""
+        if not isinstance(tensors, Mapping):
+            raise ConfigError(f"FedAvg global model: expected a dict of arrays, got "
+                              f"{type(tensors).__name__}")
+        self._global = {name: np.array(t) for name, t in tensors.items()}
 
     # ------------------------------------------------------------------ rounds
     def configure_round(self, rnd: int,
@@ -197,7 +292,7 @@ class FedAvg(Strategy):
         usable, seen = [], set()
         for r in results:
             problem = ("duplicate result (kept the first)" if r.client_id in seen
-                       else _result_problem(r))
+                       else _result_problem(r, self.max_examples))
             seen.add(r.client_id)
             if problem:
                 failed.append((r.client_id, problem))
@@ -205,26 +300,110 @@ class FedAvg(Strategy):
                 usable.append(r)
         return usable
 
-    def _keep_old(self, rnd: int, num_ok: int, failed: list[tuple[str, str]]) -> None:
-        logger.warning("round %d: %d usable results, expected at least min_clients=%d;"
-                       " keeping the previous global model; failures: %s", rnd, num_ok,
-                       self.min_clients, failed)
+    def _screened(self, rnd: int, usable: list[ClientResult],
+                  failed: list[tuple[str, str]]) -> tuple[list[ClientResult], dict]:
+        """The results that match the global model and pass the norm bound, their
+        change norms, and the round's screening summary."""
+        ref = self._global
+        matching = []
+        for r in usable:
+            problem = robust.tensors_problem(r.tensors, ref)
+            if problem:
+                failed.append((r.client_id, problem))
+                logger.warning("round %d: result of %s rejected: %s", rnd,
+                               r.client_id, problem)
+            else:
+                matching.append(r)
+        norms = [robust.delta_norm(r.tensors, ref) for r in matching]
+        global_norm = robust.model_norm(ref)
+        bound, reasons = robust.screen(norms, global_norm,
+                                       median_ratio=self.screen_median,
+                                       global_ratio=self.screen_global)
+        median = float(np.median(norms)) if norms else math.nan
+        kept, kept_norms = [], []
+        for r, n, reason in zip(matching, norms, reasons, strict=True):
+            if reason:
+                failed.append((r.client_id, reason))
+                logger.warning("round %d: result of %s rejected: %s", rnd,
+                               r.client_id, reason)
+            else:
+                kept.append(r)
+                kept_norms.append(n)
+        pairs = list(zip([r.client_id for r in matching], norms, strict=True))
+        summary = {"median": median, "bound": bound if math.isfinite(bound) else None,
+                   "global_norm": global_norm, "norms": dict(pairs),
+                   "ratios": {c: (n / median if median > 0 else None)
+                              for c, n in pairs},
+                   "rejected": len(matching) - len(kept)}
+        if norms:
+            logger.info("round %d: update norms median %.4g, max %.3g x the median, "
+                        "bound %.4g, %d rejected", rnd, median,
+                        max(norms) / median if median > 0 else math.nan, bound,
+                        summary["rejected"])
+        return kept, {**summary, "kept_norms": kept_norms}
+
+    def _keep_old(self, rnd: int, num_ok: int, failed: list[tuple[str, str]],
+                  screening: dict | None = None, why: str = "") -> None:
+        why = why or (f"{num_ok} usable results, expected at least "
+                      f"min_clients={self.min_clients}")
+        logger.warning("round %d: %s; keeping the previous global model; failures: %s",
+                       rnd, why, failed)
         self.last_round = {"round": rnd, "num_results": num_ok,
                            "num_failures": len(failed), "num_examples": 0,
-                           "failures": failed, "fit_metrics": {}, "aggregated": False}
+                           "failures": failed, "fit_metrics": {}, "aggregated": False,
+                           "screening": screening or {}, "aggregator": self.aggregator}
 
     def aggregate(self, rnd: int, results: list[ClientResult],
                   failures: list[tuple[str, str]]) -> Tensors | None:
-        """FedAvg of the usable results, then pruning to ``prune_to`` if set.
+        """Screening, then FedAvg (or the robust aggregator) of the usable results,
+        then pruning to ``prune_to`` if set.
 
         Returns None (keep the previous global model) when fewer than
-        ``min_clients`` results are usable; the reason is logged.
+        ``min_clients`` results are usable or the aggregate is not finite; the
+        reason is logged.
         """
         failed = list(failures)
         usable = self._usable(results, failed)
         if len(usable) < self.min_clients:
             self._keep_old(rnd, len(usable), failed)
             return None
+        screening: dict = {}
+        if self._global is not None:
+            usable, screening = self._screened(rnd, usable, failed)
+            if len(usable) < self.min_clients:
+                self._keep_old(rnd, len(usable), failed, screening)
+                return None
+        kept_norms = screening.pop("kept_norms", None)
+        if self.aggregator == "fedavg":
+            tensors, added, total = self._weighted_mean(rnd, usable, failed)
+        else:
+            tensors = robust.robust_mean(
+                self.aggregator, self._global,
+                [(r.tensors, r.num_examples) for r in usable], trim=self.trim,
+                norms=kept_norms)
+            added, total = usable, sum(r.num_examples for r in usable)
+        if len(added) < self.min_clients:
+            self._keep_old(rnd, len(added), failed, screening)
+            return None
+        bad = [n for n, t in tensors.items() if t.dtype.kind == "f"
+               and not np.isfinite(t).all()]
+        if bad:
+            self._keep_old(rnd, len(added), failed, screening,
+                           f"the aggregate of tensors {bad[:5]} is not finite")
+            return None
+        if self.prune_to is not None:
+            tensors, _ = self._pruned(tensors, self.prune_to, self.prune_scope)
+        self._global = {name: t.copy() for name, t in tensors.items()}
+        self.last_round = {"round": rnd, "num_results": len(added),
+                           "num_failures": len(failed),
+                           "num_examples": total, "failures": failed,
+                           "fit_metrics": _fit_metrics(added), "aggregated": True,
+                           "screening": screening, "aggregator": self.aggregator}
+        return tensors
+
+    def _weighted_mean(self, rnd: int, usable: list[ClientResult],
+                       failed: list[tuple[str, str]]
+                       ) -> tuple[Tensors | None, list[ClientResult], int]:
         like = None if self.prune_model is None else self.prune_model.state_dict()
         acc, added = Accumulator(like), []
         for r in usable:
@@ -237,16 +416,8 @@ class FedAvg(Strategy):
             else:
                 added.append(r)
         if len(added) < self.min_clients:
-            self._keep_old(rnd, len(added), failed)
-            return None
-        tensors = acc.result()
-        if self.prune_to is not None:
-            tensors, _ = self._pruned(tensors, self.prune_to, self.prune_scope)
-        self.last_round = {"round": rnd, "num_results": len(added),
-                           "num_failures": len(failed),
-                           "num_examples": acc.total_weight, "failures": failed,
-                           "fit_metrics": _fit_metrics(added), "aggregated": True}
-        return tensors
+            return None, added, 0
+        return acc.result(), added, acc.total_weight
 
     def _pruned(self, tensors: Tensors, sparsity: float,
                 scope: str = "global") -> tuple[Tensors, dict]:

@@ -225,6 +225,13 @@ def test_eval_sparsities_score_pruned_copies(client_states, model, prunable):
     {"per_round": 2, "eval_sparsities": (0.9,)},  # no evaluate_fn
     {"per_round": 2, "eval_sparsities": (1.5,), "evaluate_fn": dict},
     {"per_round": 2, "evaluate_fn": "accuracy"},
+    {"per_round": 2, "aggregator": "krum"},
+    {"per_round": 2, "aggregator": "median"},  # no initial global model
+    {"per_round": 2, "trim": 0.5},
+    {"per_round": 2, "screen_median": 0.5},
+    {"per_round": 2, "screen_global": float("inf")},
+    {"per_round": 2, "screen_median": "ten"},
+    {"per_round": 2, "max_examples": 0},
 ])
 def test_bad_settings_raise_config_error(kwargs):
     with pytest.raises(ConfigError):
@@ -234,3 +241,174 @@ def test_bad_settings_raise_config_error(kwargs):
 def test_constructor_is_keyword_only():
     with pytest.raises(TypeError):
         FedAvg(10)
+
+
+# ------------------------------------------------- screening and robust aggregation
+def _honest(g: dict, count: int, seed: int = 0,
+            scale: float = 0.01) -> list[ClientResult]:
+    """Clients that moved a little from the global model ``g``."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(count):
+        t = {k: (v + scale * rng.normal(size=v.shape)).astype(np.float32)
+             if v.dtype.kind == "f" else v + 5 for k, v in g.items()}
+        out.append(ClientResult(f"h{i}", t, 100 + i, {"loss": 1.0}))
+    return out
+
+
+def _attack(g: dict, honest: ClientResult, cid: str, fn) -> ClientResult:
+    t = {k: fn(g[k].astype(np.float64), v.astype(np.float64)).astype(np.float32)
+         if v.dtype.kind == "f" else v for k, v in honest.tensors.items()}
+    return ClientResult(cid, t, 100, {"loss": 1.0})
+
+
+@pytest.fixture(scope="module")
+def global_state() -> dict:
+    return models.build("resnet8", seed=9).state_dict()
+
+
+@pytest.mark.parametrize("aggregator", ["fedavg", "clip", "trimmed-mean", "median"])
+def test_screening_rejects_scaled_and_big_updates_and_keeps_honest_ones(
+        global_state, aggregator, caplog):
+    g = global_state
+    honest = _honest(g, 8)
+    attacks = [_attack(g, honest[0], "x1e3", lambda g, x: g + 1e3 * (x - g)),
+               _attack(g, honest[1], "x1e30", lambda g, x: 1e30 * x),
+               _attack(g, honest[2], "flip100", lambda g, x: g - 100 * (x - g))]
+    strategy = FedAvg(per_round=11, initial=g, aggregator=aggregator)
+
+    with caplog.at_level(logging.WARNING, logger="sparsefedpp.server.fedavg"):
+        got = strategy.aggregate(0, [*honest[:4], *attacks, *honest[4:]], [])
+
+    reasons = dict(strategy.last_round["failures"])
+    assert set(reasons) == {"x1e3", "x1e30", "flip100"}
+    assert all("exceeds the bound" in r for r in reasons.values())
+    assert "x1e30" in caplog.text and "rejected" in caplog.text
+    assert strategy.last_round["num_results"] == 8
+    screening = strategy.last_round["screening"]
+    assert set(screening["norms"]) == {r.client_id for r in honest} | set(reasons)
+    assert max(screening["ratios"][r.client_id] for r in honest) < 2
+    assert screening["ratios"]["x1e3"] > 500
+    # the aggregate is the honest ones' (exactly, for FedAvg)
+    for name, a in got.items():
+        assert np.isfinite(a).all() if a.dtype.kind == "f" else True
+    if aggregator == "fedavg":
+        want = weighted_mean([(r.tensors, r.num_examples) for r in honest])
+        for name in want:
+            np.testing.assert_array_equal(got[name], want[name])
+    change = max(float(np.max(np.abs(got[k] - g[k]))) for k in g
+                 if g[k].dtype.kind == "f")
+    assert change < 0.1
+
+
+def test_a_round_of_two_is_bounded_by_the_global_model_norm(global_state):
+    g = global_state
+    honest = _honest(g, 1)
+    strategy = FedAvg(per_round=2, initial=g)
+
+    scaled = _attack(g, honest[0], "x1e3", lambda g, x: g + 1e3 * (x - g))
+
+    got = strategy.aggregate(0, [honest[0], scaled], [])
+
+    assert [c for c, _ in strategy.last_round["failures"]] == ["x1e3"]
+    np.testing.assert_array_equal(got["fc.weight"], honest[0].tensors["fc.weight"])
+
+
+def test_screening_follows_the_global_model(global_state):
+    """The reference is each returned model, or one given to set_global."""
+    g = global_state
+    strategy = FedAvg(per_round=5, initial=g)
+    first = strategy.aggregate(0, _honest(g, 5), [])
+    moved = {k: (v + 1.0).astype(v.dtype) if v.dtype.kind == "f" else v
+             for k, v in first.items()}
+
+    strategy.aggregate(1, _honest(first, 5, seed=1), [])  # small changes from `first`
+    assert strategy.last_round["screening"]["median"] < 5  # ~0.01 * sqrt(#weights)
+
+    strategy.set_global(moved)
+    strategy.aggregate(2, _honest(first, 5, seed=2), [])
+    assert strategy.last_round["screening"]["median"] > 100  # ~sqrt(#weights) away
+
+
+def test_screening_off_accepts_everything_finite(global_state):
+    g = global_state
+    honest = _honest(g, 4)
+    big = _attack(g, honest[0], "x1e30", lambda g, x: 1e30 * x)
+    strategy = FedAvg(per_round=5, initial=g, screen_median=0, screen_global=0)
+
+    got = strategy.aggregate(0, [*honest, big], [])
+
+    assert strategy.last_round["failures"] == []
+    assert np.abs(got["fc.weight"]).max() > 1e25  # what plain FedAvg lets through
+
+
+def test_a_non_finite_aggregate_keeps_the_old_model(global_state, monkeypatch, caplog):
+    from sparsefedpp.server import aggregate
+
+    g = global_state
+    real = aggregate.Accumulator.result
+
+    def overflowing(self):
+        out = real(self)
+        out["fc.weight"] = np.full_like(out["fc.weight"], np.inf)
+        return out
+
+    monkeypatch.setattr(aggregate.Accumulator, "result", overflowing)
+    strategy = FedAvg(per_round=3, initial=g)
+    with caplog.at_level(logging.WARNING, logger="sparsefedpp.server.fedavg"):
+        assert strategy.aggregate(0, _honest(g, 3), []) is None
+    assert "not finite" in caplog.text and "fc.weight" in caplog.text
+    assert strategy.last_round["aggregated"] is False
+
+
+def test_num_examples_above_max_examples_is_a_failure(global_state):
+    g = global_state
+    honest = _honest(g, 3)
+    greedy = ClientResult("greedy", honest[0].tensors, 10**7)
+    strategy = FedAvg(per_round=4, initial=g, max_examples=50_000)
+
+    strategy.aggregate(0, [*honest, greedy], [])
+
+    reasons = dict(strategy.last_round["failures"])
+    assert list(reasons) == ["greedy"] and "max_examples=50000" in reasons["greedy"]
+    assert strategy.last_round["num_examples"] == sum(r.num_examples for r in honest)
+
+
+def test_default_max_examples_is_documented_and_bounds_the_weight():
+    from sparsefedpp.server import fedavg
+
+    assert FedAvg(per_round=1).max_examples == fedavg.MAX_EXAMPLES == 100_000
+
+
+def test_mismatched_or_hostile_integer_tensors_are_failures(global_state):
+    g = global_state
+    honest = _honest(g, 3)
+    huge = dict(honest[0].tensors, **{"bn1.num_batches_tracked": np.array(2**62)})
+    strategy = FedAvg(per_round=4, initial=g)
+
+    got = strategy.aggregate(0, [*honest, ClientResult("huge", huge, 10)], [])
+
+    assert "integers within" in dict(strategy.last_round["failures"])["huge"]
+    assert got["bn1.num_batches_tracked"] == g["bn1.num_batches_tracked"] + 5
+
+
+@pytest.mark.parametrize("bad", [10**400, -10**400, float("nan"), float("inf"), 1e300,
+                                 "1.0", None, [1.0], True])
+def test_hostile_metrics_are_skipped_not_fatal(client_states, bad):
+    results = _results(client_states)
+    results[1] = ClientResult("c1", client_states[1], 300, {"loss": bad, "acc": 0.5})
+
+    strategy = FedAvg(per_round=3)
+    assert strategy.aggregate(0, results, []) is not None
+
+    fit = strategy.last_round["fit_metrics"]
+    assert fit["loss"] == pytest.approx((0 * 500 + 2 * 200) / 700)  # c1's loss skipped
+    assert fit["acc"] == 0.5
+
+
+def test_metrics_that_are_not_a_dict_are_skipped(client_states):
+    results = _results(client_states)
+    results[0] = ClientResult("c0", client_states[0], 500, metrics=["loss", 1.0])
+    strategy = FedAvg(per_round=3)
+    strategy.aggregate(0, results, [])
+    assert strategy.last_round["fit_metrics"] == {"loss": pytest.approx(1.4)}
