@@ -203,20 +203,29 @@ def publish_confirmed(client, connected: threading.Event, topic: str, payload: b
 
 class QueuedClient:
     """The aggregator's and the device's connection: a paho client whose callbacks
-    only record. Each message goes to ``events`` as (topic, payload); each
-    (re)connect renews ``subscriptions`` (QoS 1), runs ``on_connected(paho)`` and
-    then queues (CONNECTED, b""), so the owner's one thread does all the work.
-    ``connected`` is set while the connection is up; ``log`` is the owner's
-    logger (connects, refusals, lost connections)."""
+    only record. Each message goes to ``events`` as (topic, payload, retained);
+    each (re)connect renews ``subscriptions`` (QoS 1), runs
+    ``on_connected(paho)`` and then queues (CONNECTED, b"", False), so the
+    owner's one thread does all the work. ``connected`` is set while the
+    connection is up; ``log`` is the owner's logger (connects, refusals, lost
+    connections).
+
+    ``watched`` subscriptions are made with the MQTT 5 options no-local (the
+    owner does not get back what it publishes there, e.g. the empty message
+    that clears a retained one) and retain-as-published (``retained`` is true
+    for a live message published with the retain flag too, not only for one
+    delivered from the broker's store): for topics that must never hold a
+    retained message, so that the owner sees and clears one at once."""
 
     def __init__(self, settings: BrokerSettings, client_id: str,
                  subscriptions: list[str], log: logging.Logger, *,
                  will_topic: str | None = None, will_payload: bytes = b"",
-                 on_connected=None):
+                 on_connected=None, watched: tuple[str, ...] = ()):
         self.settings = settings
         self.events: queue.Queue = queue.Queue()
         self.connected = threading.Event()
         self._subscriptions = list(subscriptions)
+        self._watched = set(watched)
         self._log = log
         self._on_connected = on_connected
         self._stopping = False
@@ -249,11 +258,16 @@ class QueuedClient:
         if reason_code.is_failure:
             self._log.error("broker refused the connection: %s", reason_code)
             return
-        client.subscribe([(topic, 1) for topic in self._subscriptions])
+        from paho.mqtt.subscribeoptions import SubscribeOptions
+
+        client.subscribe([
+            (topic, SubscribeOptions(qos=1, noLocal=True, retainAsPublished=True)
+             if topic in self._watched else SubscribeOptions(qos=1))
+            for topic in self._subscriptions])
         if self._on_connected is not None:
             self._on_connected(client)
         self.connected.set()
-        self.events.put((CONNECTED, b""))
+        self.events.put((CONNECTED, b"", False))
         self._log.info("connected to %s", self.settings.url)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
@@ -263,4 +277,4 @@ class QueuedClient:
                               self.settings.url, reason_code)
 
     def _on_message(self, client, userdata, message):
-        self.events.put((message.topic, bytes(message.payload)))
+        self.events.put((message.topic, bytes(message.payload), bool(message.retain)))

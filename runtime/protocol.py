@@ -29,7 +29,8 @@ version 1, little-endian)::
 Every chunk but the last carries the same number of bytes. The receiver checks
 every field against its limits before keeping anything, then the SHA-256 of the
 joined payload. Control messages are small JSON objects with ``"v": 1`` and a
-``"type"``; ``parse_control`` checks every field and raises ``ProtocolError``.
+``"type"``; ``parse_control`` bounds their size (per type) and nesting depth
+before it parses them, checks every field and raises ``ProtocolError``.
 """
 
 from __future__ import annotations
@@ -37,9 +38,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
+
+import numpy as np
 
 from .errors import CodecError
 
@@ -48,7 +53,15 @@ CHUNK_MAGIC = b"SFCK"
 CHUNK_HEADER = struct.Struct("<4sBIIQ32s")
 DEFAULT_CHUNK_BYTES = 256 * 1024
 DEFAULT_PREFIX = "sfpp"
-MAX_CONTROL_BYTES = 1 << 20
+MAX_CONTROL_BYTES = 1 << 20  # the round announcement: it carries per-device seeds
+# Bytes a control message of each type may take: statuses, acks and server
+# messages hold a few short fields (reason/detail <= 500 characters, 6 bytes
+# each when JSON-escaped); only the announcement grows with the federation.
+CONTROL_LIMITS = {"round": MAX_CONTROL_BYTES, "ack": 8192, "status": 8192,
+                  "server": 8192}
+MAX_CONTROL_DEPTH = 16  # nested objects/lists; the announcement uses 3
+MAX_ROUND = 2**32 - 1   # a round number travels as u32 in the codec
+MAX_EXAMPLES = 2**31 - 1
 DEVICE_STATES = ("online", "offline", "training", "uploaded", "error")
 SERVER_STATES = ("online", "offline", "finished")
 
@@ -186,16 +199,24 @@ class Reassembler:
     by one payload per sender. A payload sent again in full is returned again:
     deciding that it is a duplicate is the receiver's business (it must still
     acknowledge it).
+
+    ``on_drop(sender, held, count, why)`` is called when an unfinished transfer
+    is dropped without an error of its own: replaced by a newer transfer, or
+    ``forget`` (e.g. the sender went offline), so that the receiver can log it.
     """
 
-    def __init__(self, *, max_total: int):
+    def __init__(self, *, max_total: int,
+                 on_drop: Callable[[str, int, int, str], object] | None = None):
         self.max_total = max_total
+        self.on_drop = on_drop
         self._open: dict[str, list] = {}  # sender -> [digest, parts, first, bytes]
 
     def add(self, sender: str, data: bytes) -> bytes | None:
         chunk = parse_chunk(data, max_total=self.max_total)
         entry = self._open.get(sender)
         if entry is None or entry[0] != chunk.digest:
+            if entry is not None:
+                self._dropped(sender, entry, "replaced by a newer transfer")
             entry = self._open[sender] = [chunk.digest, {}, chunk, 0]
         _, parts, first, held = entry
         if (chunk.count, chunk.total) != (first.count, first.total):
@@ -221,8 +242,22 @@ class Reassembler:
                                 "the chunks' header (corrupted or forged)")
         return payload
 
-    def forget(self, sender: str) -> None:
-        self._open.pop(sender, None)
+    def forget(self, sender: str, why: str = "forgotten") -> None:
+        entry = self._open.pop(sender, None)
+        if entry is not None:
+            self._dropped(sender, entry, why)
+
+    def _dropped(self, sender: str, entry: list, why: str) -> None:
+        if self.on_drop is not None:
+            self.on_drop(sender, len(entry[1]), entry[2].count, why)
+
+
+def transfer_id(data: bytes) -> str:
+    """The SHA-256 hex of the payload a chunk belongs to (its header's digest), or
+    '' when ``data`` is not an SFCK frame: what an ack names."""
+    if len(data) < CHUNK_HEADER.size or bytes(data[:4]) != CHUNK_MAGIC:
+        return ""
+    return bytes(data[21:CHUNK_HEADER.size]).hex()
 
 
 # ---- control messages ----------------------------------------------------------------
@@ -231,9 +266,10 @@ _FIELDS = {  # type -> {field: (python types, required)}
     "round": {"round": (int, True), "attempt": (int, True), "selected": (list, True),
               "deadline": ((int, float), True), "model": (dict, True),
               "config": (dict, True)},
-    "ack": {"round": (int, True), "accepted": (bool, True), "reason": (str, True)},
+    "ack": {"round": (int, True), "accepted": (bool, True), "reason": (str, True),
+            "digest": (str, False)},
     "status": {"state": (str, True), "round": ((int, type(None)), False),
-               "detail": (str, False)},
+               "detail": (str, False), "examples": (int, False)},
     "server": {"state": (str, True), "round": ((int, type(None)), False),
                "rounds": ((int, type(None)), False)},
 }
@@ -248,15 +284,28 @@ def control(kind: str, **fields) -> bytes:
 
 
 def parse_control(data: bytes, kind: str) -> dict:
-    """Decode and check a control message of type ``kind``; ProtocolError if bad."""
-    if len(data) > MAX_CONTROL_BYTES:
-        raise ProtocolError(f"{kind} message: expected at most {MAX_CONTROL_BYTES} "
-                            f"bytes, got {len(data)}")
+    """Decode and check a control message of type ``kind``; ProtocolError if bad.
+
+    The size (``CONTROL_LIMITS[kind]``) and the nesting depth are checked before
+    the JSON parser sees the bytes: a retained ``[[[[...`` must not reach it
+    (CPython's parser recurses per level)."""
+    data = bytes(data)
+    limit = CONTROL_LIMITS[kind]
+    if len(data) > limit:
+        raise ProtocolError(f"{kind} message: expected at most {limit} bytes, got "
+                            f"{len(data)}")
+    depth = json_depth(data)
+    if depth > MAX_CONTROL_DEPTH:
+        raise ProtocolError(f"{kind} message: expected JSON nested at most "
+                            f"{MAX_CONTROL_DEPTH} levels deep, got {depth}")
     try:
-        msg = json.loads(bytes(data).decode("utf-8"),
+        msg = json.loads(data.decode("utf-8"),
                          parse_constant=_reject_constant, parse_float=_finite_float)
     except (UnicodeDecodeError, ValueError) as e:
         raise ProtocolError(f"{kind} message: expected UTF-8 JSON, got {e}") from None
+    except Exception as e:  # noqa: BLE001 - RecursionError, MemoryError, ...
+        raise ProtocolError(f"{kind} message: unreadable JSON ({type(e).__name__})"
+                            ) from None
     if not isinstance(msg, dict):
         raise ProtocolError(f"{kind} message: expected a JSON object, got "
                             f"{type(msg).__name__}")
@@ -279,16 +328,44 @@ def parse_control(data: bytes, kind: str) -> dict:
     return msg
 
 
+_STRINGS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_BRACKETS = bytes(range(256)).translate(None, b"[]{}")
+_STEP = np.zeros(256, np.int8)
+_STEP[list(b"[{")] = 1
+_STEP[list(b"]}")] = -1
+
+
+def json_depth(data: bytes) -> int:
+    """The deepest nesting of ``[``/``{`` outside strings in ``data`` (JSON text),
+    at C speed (a regex drops the strings, ``translate`` keeps the brackets, a
+    cumulative sum counts), so that a hostile depth is refused before parsing.
+    Brackets after an unterminated string count too: such text is refused
+    anyway."""
+    brackets = _STRINGS.sub(b"", data).translate(None, _BRACKETS)
+    if not brackets:
+        return 0
+    return int(np.cumsum(_STEP[np.frombuffer(brackets, np.uint8)],
+                         dtype=np.int64).max(initial=0))
+
+
+def _in_range(value, low: int, high: int) -> bool:
+    return value is None or low <= value <= high
+
+
 def _check_semantics(kind: str, msg: dict) -> None:
+    for name, low, high in _RANGES.get(kind, ()):
+        if not _in_range(msg.get(name), low, high):
+            raise ProtocolError(f"{kind} message field {name!r}: expected {low} to "
+                                f"{high}, got {msg[name]!r:.40}")
+    if kind == "ack" and "digest" in msg and not _hex_digest(msg["digest"], empty=True):
+        raise ProtocolError("ack message field 'digest': expected 64 hex characters "
+                            "or ''")
     if kind == "round":
-        if msg["round"] < 0 or msg["attempt"] < 0:
-            raise ProtocolError(f"round message: expected round, attempt >= 0, got "
-                                f"{msg['round']}, {msg['attempt']}")
         if not all(isinstance(d, str) and valid_device_id(d) for d in msg["selected"]):
             raise ProtocolError("round message field 'selected': expected a list of "
                                 "device ids")
         model = msg["model"]
-        if not (isinstance(model.get("digest"), str) and len(model["digest"]) == 64
+        if not (_hex_digest(model.get("digest"))
                 and type(model.get("chunks")) is int and model["chunks"] >= 1
                 and type(model.get("bytes")) is int and model["bytes"] >= 0):
             raise ProtocolError("round message field 'model': expected {digest: 64 hex "
@@ -299,6 +376,21 @@ def _check_semantics(kind: str, msg: dict) -> None:
     elif kind == "server" and msg["state"] not in SERVER_STATES:
         raise ProtocolError(f"server message: expected state in {SERVER_STATES}, got "
                             f"{msg['state']!r}")
+
+
+_RANGES = {  # type -> (integer field, lowest, highest); None passes
+    "round": (("round", 0, MAX_ROUND), ("attempt", 0, MAX_ROUND)),
+    "ack": (("round", -1, MAX_ROUND),),
+    "status": (("round", -1, MAX_ROUND), ("examples", 1, MAX_EXAMPLES)),
+    "server": (("round", 0, MAX_ROUND), ("rounds", 0, MAX_ROUND)),
+}
+
+
+def _hex_digest(value, empty: bool = False) -> bool:
+    """A SHA-256 hex digest (64 lowercase hex characters), or '' with ``empty``."""
+    return isinstance(value, str) and (
+        (empty and value == "") or
+        (len(value) == 64 and all(c in "0123456789abcdef" for c in value)))
 
 
 def _reject_constant(name: str):

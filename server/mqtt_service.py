@@ -10,11 +10,16 @@ Round state machine (docs/protocol.md draws it)::
 
 paho's network thread only puts messages on a queue; everything else runs on
 the caller's thread. The whole federation state (global model, next round,
-cumulative bytes, a fingerprint of the configuration) is written atomically to
+cumulative bytes, a fingerprint of the configuration, the digests of the
+updates counted in the last rounds) is written atomically to
 ``state_dir/federation.sfpp`` after every round; a restarted service resumes
 there: the interrupted round is announced again with the same selection, and
 updates the devices published meanwhile (queued by the broker in the service's
 durable session, or re-sent by the devices) are accepted.
+
+Devices are not trusted: every message handler catches whatever a payload can
+raise, logs one line naming the sender, rejects an upload with an ack, and
+goes on (docs/protocol.md, "What is validated").
 """
 
 from __future__ import annotations
@@ -40,6 +45,14 @@ logger = logging.getLogger(__name__)
 Tensors = dict[str, np.ndarray]
 STATE_FILE = "federation.sfpp"
 POLICIES = ("extend", "rerun", "skip")
+COUNTED_ROUNDS = 3        # rounds whose counted update digests the state file keeps
+ALREADY_COUNTED = "already counted"
+# An update's metrics (codec meta): small, flat, finite. fedavg averages the
+# numbers weighted by num_examples, so each must stay far from float overflow.
+MAX_METRICS = 64
+MAX_METRIC_KEY = 64
+MAX_METRIC_VALUE = 1e15
+MAX_METRIC_TEXT = 256
 
 
 @dataclass(frozen=True)
@@ -55,6 +68,11 @@ class ServiceConfig:
     when every selected device has answered, or when the quorum is met and the
     others have been offline (last will) for ``offline_grace`` seconds, or at
     the deadline.
+
+    ``max_examples`` caps an update's num_examples (its FedAvg weight) for
+    every device; a device that declared its example count in its online
+    status is held to that count. ``client_id`` defaults to the MQTT username
+    (else ``sfpp-aggregator``): the shipped broker forces client id = username.
     """
 
     devices: tuple[str, ...]
@@ -72,11 +90,11 @@ class ServiceConfig:
     encoding: str = "csr"
     method: str = "fedavg"
     prefix: str = protocol.DEFAULT_PREFIX
-    client_id: str = "sfpp-aggregator"
+    client_id: str | None = None
     chunk_bytes: int = protocol.DEFAULT_CHUNK_BYTES
     max_update_bytes: int = 256 << 20
     max_update_norm: float | None = None
-    max_examples: int = 10_000_000
+    max_examples: int = 100_000
     connect_timeout: float = 30.0
     publish_timeout: float = 120.0
 
@@ -110,6 +128,9 @@ class ServiceConfig:
             raise ConfigError(f"serve encoding: expected one of "
                               f"{', '.join(codec.ENCODINGS)}, got {self.encoding!r}")
         protocol.Topics(self.prefix)
+        if self.client_id is not None and not self.client_id:
+            raise ConfigError("serve client_id: expected a non-empty MQTT client id or "
+                              "none (the username)")
 
 
 @dataclass
@@ -147,17 +168,62 @@ def tensors_problem(tensors: Tensors, reference: Tensors) -> str:
     return ""
 
 
+def _number_text(value) -> str:
+    if isinstance(value, int) and abs(value) > 10**20:
+        return f"an integer of {value.bit_length()} bits"
+    return f"{value!r:.40}"
+
+
+def metrics_problem(meta: dict) -> str:
+    """Why an update's metrics (codec meta) are unusable ('' if they are): at most
+    ``MAX_METRICS`` keys of at most ``MAX_METRIC_KEY`` characters, each value a
+    number within +-``MAX_METRIC_VALUE``, true/false, null or a short string.
+    ``{"loss": 10**400}`` is valid JSON whose float() overflows."""
+    if len(meta) > MAX_METRICS:
+        return f"metrics: expected at most {MAX_METRICS} entries, got {len(meta)}"
+    for key, value in meta.items():
+        if len(key) > MAX_METRIC_KEY:
+            return (f"metrics key {key[:20]!r}...: expected at most {MAX_METRIC_KEY} "
+                    f"characters, got {len(key)}")
+        if value is None or isinstance(value, bool):
+            continue
+        if isinstance(value, (int, float)):
+            if not abs(value) <= MAX_METRIC_VALUE:  # also False for NaN
+                return (f"metrics {key!r}: expected a finite number within "
+                        f"+-{MAX_METRIC_VALUE:g}, got {_number_text(value)}")
+        elif isinstance(value, str):
+            if len(value) > MAX_METRIC_TEXT:
+                return (f"metrics {key!r}: expected a string of at most "
+                        f"{MAX_METRIC_TEXT} characters, got {len(value)}")
+        else:
+            return (f"metrics {key!r}: expected a number, true/false, null or a "
+                    f"string, got {type(value).__name__}")
+    return ""
+
+
 def update_problem(msg: codec.Message, reference: Tensors, *, max_examples: int,
-                   max_norm: float | None) -> str:
+                   max_norm: float | None, method: str | None = None,
+                   declared: int | None = None) -> str:
     """Why a decoded update cannot be averaged into ``reference`` ('' if it can):
-    the tensors (``tensors_problem``), the example count and the L2 norm of the
-    change against the global model."""
+    the method (the announced ``method``), the tensors (``tensors_problem``),
+    the example count (at most ``max_examples``, and at most what the device
+    ``declared`` at registration), the metrics and the L2 norm of the change
+    against the global model."""
+    if method is not None and msg.method != method:
+        return f"method {msg.method[:40]!r}: expected the announced {method!r}"
     problem = tensors_problem(msg.tensors, reference)
     if problem:
         return problem
     n = msg.num_examples
-    if not 1 <= n <= max_examples:
+    if declared is not None and declared < max_examples:
+        if not 1 <= n <= declared:
+            return (f"num_examples: expected 1 to {declared} (the count it declared "
+                    f"online), got {n}")
+    elif not 1 <= n <= max_examples:
         return f"num_examples: expected 1 to {max_examples}, got {n}"
+    problem = metrics_problem(msg.meta)
+    if problem:
+        return problem
     if max_norm is not None:
         sq = sum(float(np.sum((msg.tensors[k].astype(np.float64) - ref) ** 2))
                  for k, ref in reference.items() if ref.dtype.kind == "f")
@@ -195,8 +261,13 @@ class Aggregator:
         self.next_round = 0
         self.totals = {"bytes_up": 0, "bytes_down": 0}
         self.online: dict[str, bool] = {}
+        self.declared: dict[str, int] = {}  # examples each device declared online
         self._offline_since: dict[str, float] = {}
-        self._reassembler = protocol.Reassembler(max_total=config.max_update_bytes)
+        self._reassembler = protocol.Reassembler(max_total=config.max_update_bytes,
+                                                 on_drop=self._transfer_dropped)
+        # digest -> (round, device) of the updates counted in the last rounds
+        self._counted: dict[str, tuple[int, str]] = {}
+        self._round_digests: dict[str, str] = {}  # device -> digest, open round
         self._model_chunks = 0
         self._retained: list[tuple[str, bytes]] = []  # the open round's announcement
         self._round: int | None = None          # the round being run
@@ -228,14 +299,22 @@ class Aggregator:
         self.tensors = dict(msg.tensors)
         self.next_round = int(msg.meta["next_round"])
         self.totals.update(msg.meta.get("totals", {}))
+        for entry in msg.meta.get("counted", []):  # absent in older state files
+            rnd, device, digest = entry
+            self._counted[str(digest)] = (int(rnd), str(device))
         logger.info("resuming at round %d from %s", self.next_round + 1, self.state_path)
         self.emit("resume", round=self.next_round, state=str(self.state_path))
 
     def _save(self) -> None:
+        oldest = self.next_round - COUNTED_ROUNDS
+        self._counted = {d: v for d, v in self._counted.items() if v[0] >= oldest}
+        counted = sorted([rnd, device, digest]
+                         for digest, (rnd, device) in self._counted.items())
         msg = codec.Message("model", self.next_round, "aggregator", self.config.method,
                             self.tensors, 0, {"fingerprint": self.fingerprint,
                                               "next_round": self.next_round,
-                                              "totals": self.totals})
+                                              "totals": self.totals,
+                                              "counted": counted})
         data = codec.encode(msg, "csr")
         write_atomic(self.state_path, lambda f: f.write(data))
 
@@ -244,11 +323,18 @@ class Aggregator:
         self._mqtt.publish_confirmed(topic, payload, retain=retain,
                                      timeout=self.config.publish_timeout)
 
+    @property
+    def client_id(self) -> str:
+        """The MQTT client id: configured, else the username (which the shipped
+        broker forces anyway), else ``sfpp-aggregator``."""
+        return self.config.client_id or self.broker.username or "sfpp-aggregator"
+
     def start(self) -> None:
+        watched = (self.topics.update("+"), self.topics.status("+"))
         self._mqtt = QueuedClient(
-            self.broker, self.config.client_id,
-            [self.topics.update("+"), self.topics.status("+")], logger,
-            will_topic=self.topics.server, will_payload=protocol.SERVER_OFFLINE)
+            self.broker, self.client_id, list(watched), logger,
+            will_topic=self.topics.server, will_payload=protocol.SERVER_OFFLINE,
+            watched=watched)
         try:
             self._mqtt.start(self.config.connect_timeout)
         except Exception:
@@ -285,11 +371,11 @@ class Aggregator:
         ``stop()`` holds after a message; status messages update ``online``."""
         while True:
             try:
-                topic, payload = self._mqtt.events.get(
+                topic, payload, retained = self._mqtt.events.get(
                     timeout=max(0.0, until - time.monotonic()))
             except queue.Empty:
                 return
-            self._handle(topic, payload)
+            self._handle(topic, payload, retained)
             if (stop is not None and stop()) or (
                     time.monotonic() >= until and self._mqtt.events.empty()):
                 return
@@ -319,6 +405,7 @@ class Aggregator:
         start = time.monotonic()
         self._round, self._selected = rnd, None
         self._accepted, self._rejected, self._bytes_up = {}, [], 0
+        self._round_digests = {}
         outcome = RoundOutcome(rnd + 1, 0, [], [], False)
         model_bytes = codec.encode(codec.Message(
             "model", rnd, "aggregator", c.method, self.tensors), c.encoding)
@@ -336,7 +423,8 @@ class Aggregator:
             self._announce(rnd, attempt, plan, model_bytes, digest)
             early, self._early = self._early, {}
             for device, payload in early.items():
-                self._on_update(device, payload)
+                self._guarded(self._on_update, self.topics.update(device), payload,
+                              device, payload)
             outcome.bytes_down += len(model_bytes) * len(plan)
             deadline = time.monotonic() + c.round_timeout
             extensions = 0
@@ -436,19 +524,45 @@ class Aggregator:
         if new is not None:
             self.tensors = new
             outcome.aggregated = True
+            for device, digest in self._round_digests.items():
+                if device in outcome.accepted:
+                    self._counted[digest] = (rnd, device)
         if rnd + 1 == self.config.rounds:
             outcome.eval = self.strategy.evaluate(rnd, self.tensors) or {}
         elif self.evaluate_fn is not None and (rnd + 1) % self.config.eval_every == 0:
             outcome.eval = self.evaluate_fn(self.tensors)
 
     # ---------------------------------------------------------------- messages
-    def _handle(self, topic: str, payload: bytes) -> None:
+    def _handle(self, topic: str, payload: bytes, retained: bool = False) -> None:
+        """One message from the queue. Nothing a device sends may stop the
+        service: whatever a handler raises is logged (one line, the sender; the
+        traceback at debug level), an upload is rejected with an ack."""
+        self._guarded(self._dispatch, topic, payload, topic, payload, retained)
+
+    def _guarded(self, handler, topic: str, payload: bytes, *args) -> None:
+        try:
+            handler(*args)
+        except Exception as e:  # noqa: BLE001 - the handler boundary
+            logger.debug("handler of %s failed", topic[:200], exc_info=True)
+            reason = f"internal error on this message: {type(e).__name__}: {e}"[:300]
+            device = self.topics.device_of(topic, "update")
+            if device is not None and device in self.config.devices:
+                try:
+                    self._reject(device, None, reason, protocol.transfer_id(payload))
+                    return
+                except Exception:  # noqa: BLE001, S110 - the ack failed too: log below
+                    pass
+            sender = device or self.topics.device_of(topic, "status") or "?"
+            logger.warning("dropped a message from %s on %s: %s", sender, topic[:200],
+                           reason)
+
+    def _dispatch(self, topic: str, payload: bytes, retained: bool) -> None:
         if topic == CONNECTED:
             self._republish()
             return
         device = self.topics.device_of(topic, "status")
         if device is not None:
-            self._on_status(device, payload)
+            self._on_status(device, payload, retained)
             return
         device = self.topics.device_of(topic, "update")
         if device is None:
@@ -457,15 +571,30 @@ class Aggregator:
         if device not in self.config.devices:
             logger.warning("dropped an update from unregistered device %r", device)
             return
+        if retained:
+            if payload:  # updates are never retained: no agent sent this one
+                logger.warning("ignored a retained update from %s (updates are never "
+                               "retained); cleared it", device)
+                self._clear(topic)
+            return
         try:
             payload = self._reassembler.add(device, payload)
         except protocol.ProtocolError as e:
-            self._reject(device, None, f"bad chunk: {e}")
+            self._reject(device, None, f"bad chunk: {e}", protocol.transfer_id(payload))
             return
         if payload is not None:
             self._on_update(device, payload)
 
-    def _on_status(self, device: str, payload: bytes) -> None:
+    def _clear(self, topic: str) -> None:
+        """Delete the retained message on ``topic`` (an empty retained publish; the
+        aggregator's ACL may write every topic of the prefix)."""
+        self._mqtt.paho.publish(topic, b"", qos=1, retain=True)
+
+    def _transfer_dropped(self, device: str, held: int, count: int, why: str) -> None:
+        logger.warning("dropped an unfinished upload from %s (%d of %d chunks): %s",
+                       device, held, count, why)
+
+    def _on_status(self, device: str, payload: bytes, retained: bool) -> None:
         if device not in self.config.devices:
             logger.debug("status of unregistered device %r ignored", device)
             return
@@ -473,12 +602,18 @@ class Aggregator:
             self._set_online(device, False)
             return
         try:
-            state = protocol.parse_control(payload, "status")["state"]
+            msg = protocol.parse_control(payload, "status")
         except protocol.ProtocolError as e:
-            logger.warning("bad status from %s: %s", device, e)
+            if retained:
+                self._clear(self.topics.status(device))
+            logger.warning("ignored a bad status from %s%s: %s", device,
+                           " (retained: cleared it)" if retained else "", e)
             return
-        self._set_online(device, state != "offline")
-        logger.debug("device %s is %s", device, state)
+        if "examples" in msg and self.declared.get(device) != msg["examples"]:
+            self.declared[device] = msg["examples"]
+            logger.info("device %s declares %d examples", device, msg["examples"])
+        self._set_online(device, msg["state"] != "offline")
+        logger.debug("device %s is %s", device, msg["state"])
 
     def _set_online(self, device: str, online: bool) -> None:
         self.online[device] = online
@@ -486,49 +621,77 @@ class Aggregator:
             self._offline_since.pop(device, None)
         else:
             self._offline_since.setdefault(device, time.monotonic())
-            self._reassembler.forget(device)  # its unfinished upload will be re-sent
+            # its unfinished upload will be re-sent
+            self._reassembler.forget(device, "the device went offline")
 
     def _on_update(self, device: str, payload: bytes) -> None:
         rnd = self._round if self._round is not None else self.next_round
+        digest = protocol.digest_of(payload)
+        counted = self._counted.get(digest)
+        if counted is not None and counted[1] == device:
+            logger.info("round %d: update from %s already counted in round %d; "
+                        "acknowledged", rnd + 1, device, counted[0] + 1)
+            self._ack(device, counted[0], True, ALREADY_COUNTED, digest)
+            return
         try:
             msg = codec.decode(payload, max_bytes=self.config.max_update_bytes)
         except CodecError as e:
-            self._reject(device, None, f"undecodable update: {e}")
+            self._reject(device, None, f"undecodable update: {e}", digest)
+            return
+        except Exception as e:  # noqa: BLE001 - e.g. RecursionError in the meta JSON
+            self._reject(device, None, f"undecodable update: {type(e).__name__}",
+                         digest)
             return
         if msg.kind != "update" or msg.sender != device:
             self._reject(device, msg.round, f"expected an update sent by {device}, got "
-                         f"kind {msg.kind!r} from {msg.sender!r}")
+                         f"kind {msg.kind!r} from {msg.sender!r}", digest)
         elif msg.round == rnd and self._selected is None:
             self._early[device] = payload  # e.g. queued while the service restarted
         elif msg.round != rnd:
             when = "closed" if msg.round < rnd else "not open yet"
             self._reject(device, msg.round, f"round {msg.round + 1} is {when} (now "
-                         f"round {rnd + 1})")
+                         f"round {rnd + 1})", digest)
         elif device not in self._selected:
             self._reject(device, msg.round, f"{device} is not selected for round "
-                         f"{rnd + 1}")
+                         f"{rnd + 1}", digest)
         elif device in self._accepted:
-            logger.info("round %d: duplicate update from %s ignored", rnd + 1, device)
-            self._ack(device, rnd, True, "duplicate; the first copy was accepted")
+            if self._round_digests.get(device) == digest:
+                logger.info("round %d: update from %s already counted; acknowledged",
+                            rnd + 1, device)
+                self._ack(device, rnd, True, ALREADY_COUNTED, digest)
+            else:
+                logger.info("round %d: a second update from %s ignored", rnd + 1,
+                            device)
+                self._ack(device, rnd, True, "duplicate; the first copy was accepted",
+                          digest)
         else:
             problem = update_problem(msg, self.tensors,
                                      max_examples=self.config.max_examples,
-                                     max_norm=self.config.max_update_norm)
+                                     max_norm=self.config.max_update_norm,
+                                     method=self.config.method,
+                                     declared=self.declared.get(device))
             if problem:
-                self._reject(device, rnd, problem)
+                self._reject(device, rnd, problem, digest)
                 return
             self._accepted[device] = ClientResult(device, msg.tensors, msg.num_examples,
                                                   msg.meta)
+            self._round_digests[device] = digest
             self._bytes_up += len(payload)
             logger.info("round %d: update from %s accepted (%d bytes, %d examples)",
                         rnd + 1, device, len(payload), msg.num_examples)
-            self._ack(device, rnd, True, "")
+            self._ack(device, rnd, True, "", digest)
 
-    def _reject(self, device: str, rnd: int | None, reason: str) -> None:
+    def _reject(self, device: str, rnd: int | None, reason: str, digest: str) -> None:
         logger.warning("rejected an update from %s: %s", device, reason)
         self._rejected.append([device, reason])
-        self._ack(device, rnd if rnd is not None else -1, False, reason)
+        self._ack(device, rnd if rnd is not None else -1, False, reason, digest)
 
-    def _ack(self, device: str, rnd: int, accepted: bool, reason: str) -> None:
-        data = protocol.control("ack", round=rnd, accepted=accepted, reason=reason[:500])
+    def _ack(self, device: str, rnd: int, accepted: bool, reason: str,
+             digest: str) -> None:
+        """The ack names the upload it answers by its SHA-256 (the chunk header's
+        transfer id; '' if the message had none), so that a device can ignore
+        acks of uploads it did not send."""
+        rnd = rnd if 0 <= rnd <= protocol.MAX_ROUND else -1
+        data = protocol.control("ack", round=rnd, accepted=accepted,
+                                reason=reason[:500], digest=digest)
         self._mqtt.paho.publish(self.topics.ack(device), data, qos=1)

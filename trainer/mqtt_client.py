@@ -6,8 +6,12 @@ starves the keepalive. The encoded update is written to ``state_dir`` before it
 is published and kept until a later round is announced: after a broker restart
 (or an aggregator restart that re-announces the round) it is sent again from
 disk, never retrained and never lost. The aggregator acknowledges each update
-on ``{prefix}/ack/{device}``; without an ack within ``ack_timeout`` the agent
-re-sends it (the aggregator ignores duplicates).
+on ``{prefix}/ack/{device}``, naming the upload's SHA-256; acks of uploads
+this agent did not send (someone else used its credentials) are ignored.
+Without an ack within ``ack_timeout`` the agent re-sends it (the aggregator
+ignores duplicates). No message stops the agent: a handler that fails logs one
+line and the agent goes on. The MQTT client id is the device id (the shipped
+broker forces client id = username, and the username is the device id).
 """
 
 from __future__ import annotations
@@ -74,7 +78,8 @@ class DeviceAgent:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.rounds_trained = 0
         self._mqtt: QueuedClient | None = None
-        self._models = protocol.Reassembler(max_total=config.max_model_bytes)
+        self._models = protocol.Reassembler(max_total=config.max_model_bytes,
+                                            on_drop=self._model_dropped)
         self._round: dict | None = None       # the current announcement
         self._model: bytes | None = None      # the current global model payload
         self._net = None                      # the engine model, rebuilt on change
@@ -128,8 +133,11 @@ class DeviceAgent:
 
     # ---------------------------------------------------------------- broker
     def _announce_online(self, client) -> None:  # on every (re)connect
+        """The online status declares the example count: the aggregator refuses
+        an update of this device that claims more (a FedAvg weight bound)."""
         client.publish(self.topics.status(self.config.device_id),
-                       protocol.control("status", state="online"), qos=1, retain=True)
+                       protocol.control("status", state="online",
+                                        examples=len(self.data)), qos=1, retain=True)
 
     def _status(self, state: str, rnd: int | None = None, detail: str = "") -> None:
         if self._mqtt.connected.is_set():
@@ -144,7 +152,7 @@ class DeviceAgent:
         c = self.config
         t = self.topics
         self._mqtt = mqtt = QueuedClient(
-            self.broker, f"sfpp-client-{c.device_id}",
+            self.broker, c.device_id,
             [t.round, t.ack(c.device_id), t.server], logger,
             will_topic=t.status(c.device_id), will_payload=protocol.OFFLINE,
             on_connected=self._announce_online)
@@ -152,7 +160,7 @@ class DeviceAgent:
             mqtt.start(c.connect_timeout)
             while not self._done():
                 try:
-                    topic, payload = mqtt.events.get(timeout=1.0)
+                    topic, payload, _retained = mqtt.events.get(timeout=1.0)
                 except queue.Empty:
                     self._maybe_resend()
                     continue
@@ -186,7 +194,15 @@ class DeviceAgent:
             elif topic == CONNECTED:
                 self._resume_round()
         except protocol.ProtocolError as e:
-            logger.warning("ignored a bad message on %s: %s", topic, e)
+            logger.warning("ignored a bad message on %s: %s", topic[:200], e)
+        except Exception as e:  # noqa: BLE001 - the handler boundary: go on
+            logger.debug("handler of %s failed", topic[:200], exc_info=True)
+            logger.warning("ignored a message on %s that failed its handler: %s: %s",
+                           topic[:200], type(e).__name__, str(e)[:300])
+
+    def _model_dropped(self, sender: str, held: int, count: int, why: str) -> None:
+        logger.warning("dropped an unfinished global model (%d of %d chunks): %s",
+                       held, count, why)
 
     def _resume_round(self) -> None:
         """After a (re)connect: ask again for the announced model if it is still
@@ -331,6 +347,14 @@ class DeviceAgent:
             self._send(stored[1], stored[0])
 
     def _on_ack(self, ack: dict) -> None:
+        if "digest" in ack:  # older aggregators do not name the upload
+            mine = self._stored is not None and \
+                ack["digest"] == protocol.digest_of(self._stored[1])
+            if not mine:
+                logger.debug("ignored an ack for an upload this device did not send "
+                             "(%s): %s", ack["digest"][:16] or "no digest",
+                             ack["reason"][:200])
+                return
         stored = self._stored_round()
         if ack["accepted"]:
             logger.info("round %d: update accepted", ack["round"] + 1)

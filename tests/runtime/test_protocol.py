@@ -158,6 +158,21 @@ def test_forget_drops_the_open_transfer():
     assert r.add("d", chunks[2]) is None
 
 
+def test_dropped_transfers_are_reported_with_what_was_held():
+    drops = []
+    r = Reassembler(max_total=MAX, on_drop=lambda *a: drops.append(a))
+    a, b = split(PAYLOAD, 4096), split(PAYLOAD[::-1], 4096)
+    assert r.add("d", a[0]) is None and r.add("d", a[1]) is None
+    assert r.add("d", b[2]) is None  # a newer transfer replaces the unfinished one
+    assert drops == [("d", 2, 3, "replaced by a newer transfer")]
+    r.forget("d", "the device went offline")
+    assert drops[-1] == ("d", 1, 3, "the device went offline")
+    r.forget("d", "again")  # nothing open: nothing reported
+    for c in a:
+        r.add("d", c)
+    assert len(drops) == 2  # a finished transfer is no drop
+
+
 def test_sha_mismatch_is_refused():
     chunks = split(PAYLOAD, 4096)
     forged = bytearray(chunks[1])
@@ -287,7 +302,8 @@ BAD_CONTROL = {
                                "round", "list of device ids"),
     "selected with a number": (message("round", **round_fields(selected=[1])),
                                "round", "list of device ids"),
-    "negative round": (message("round", **round_fields(round=-1)), "round", ">= 0"),
+    "negative round": (message("round", **round_fields(round=-1)), "round",
+                       "'round': expected 0 to 4294967295, got -1"),
     "model digest short": (message("round", **round_fields(
         model={"digest": "ab", "chunks": 1, "bytes": 1})), "round", "64 hex"),
     "model chunks 0": (message("round", **round_fields(
@@ -332,12 +348,125 @@ def test_control_refuses_to_write_what_parse_control_refuses():
         control("round", **round_fields(deadline=float("nan")))
 
 
-def test_a_control_message_of_exactly_the_limit_is_read():
-    body = message("status", state="online", detail="")
-    data = body[:-2] + b'"' + b"x" * (MAX_CONTROL_BYTES - len(body) - 1) + b'"}'
-    data = data.replace(b'"detail": "', b'"detail": ')
-    assert len(data) <= MAX_CONTROL_BYTES
+@pytest.mark.parametrize("kind", sorted(protocol.CONTROL_LIMITS))
+def test_a_control_message_of_exactly_its_types_limit_is_read(kind):
+    limit = protocol.CONTROL_LIMITS[kind]
+    fields = {"round": round_fields(config={"pad": ""}), "ack": dict(
+        round=0, accepted=True, reason=""), "status": dict(state="online", detail=""),
+        "server": dict(state="online", pad="")}[kind]
+    body = json.dumps({"v": 1, "type": kind, **fields}).encode()
+    data = body.replace(b'""', b'"' + b"x" * (limit - len(body)) + b'"', 1)
+    assert len(data) == limit
+    assert parse_control(data, kind)["type"] == kind
+    with pytest.raises(ProtocolError, match=f"expected at most {limit} bytes, got "
+                       f"{limit + 1}"):
+        parse_control(data.replace(b"xx", b"xxx", 1), kind)
+
+
+def test_small_control_messages_have_small_limits():
+    assert protocol.CONTROL_LIMITS["round"] == MAX_CONTROL_BYTES == 1 << 20
+    for kind in ("ack", "status", "server"):
+        assert 4096 <= protocol.CONTROL_LIMITS[kind] <= 16384
+    # the longest reason/detail the services send, every character JSON-escaped
+    ack = control("ack", round=2**32 - 1, accepted=False, reason="\u2028" * 500,
+                  digest="ab" * 32)
+    status = control("status", state="error", round=2**32 - 1,
+                     detail="\u2028" * 500, examples=2**31 - 1)
+    assert len(ack) <= protocol.CONTROL_LIMITS["ack"]
+    assert len(status) <= protocol.CONTROL_LIMITS["status"]
+
+
+# ------------------------------------------------------------------ nesting depth
+@pytest.mark.parametrize("text, depth", [
+    (b"", 0), (b"3", 0), (b"{}", 1), (b"[[1], {}]", 2), (b'{"a": [{"b": [1]}]}', 4),
+    (b'{"a": "[[[[{{{{"}', 1),                 # brackets inside strings do not count
+    (b'{"a": "\\"[[[[", "b": []}', 2),        # an escaped quote stays in the string
+    (b'{"a": "\\\\", "b": [[]]}', 3),         # an escaped backslash ends before "
+    (b"[" * 2000, 2000),
+    (b"]]][", 0),  # the parser stops at the first "]": no deeper than the text's start
+])
+def test_json_depth_counts_brackets_outside_strings(text, depth):
+    assert protocol.json_depth(text) == depth
+
+
+def test_deep_json_is_refused_before_parsing(monkeypatch):
+    """A retained status of "[" x 2000 made json.loads raise RecursionError (it
+    stopped the aggregator at every start); now the depth is refused first."""
+    calls = []
+    monkeypatch.setattr(protocol.json, "loads", lambda *a, **k: calls.append(a))
+    for kind in ("status", "ack", "server", "round"):
+        with pytest.raises(ProtocolError, match=r"expected JSON nested at most 16 "
+                           r"levels deep, got 2000"):
+            parse_control(b"[" * 2000, kind)
+    nested = b'{"v": 1, "type": "status", "state": "online", "x": ' + \
+        b"[" * 16 + b"]" * 16 + b"}"
+    with pytest.raises(ProtocolError, match="got 17"):
+        parse_control(nested, "status")
+    assert calls == []
+
+
+def test_a_depth_at_the_limit_is_parsed():
+    data = b'{"v": 1, "type": "status", "state": "online", "x": ' + \
+        b"[" * 15 + b"]" * 15 + b"}"
     assert parse_control(data, "status")["state"] == "online"
+
+
+def test_any_parser_failure_is_a_protocol_error(monkeypatch):
+    def boom(*args, **kwargs):
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr(protocol.json, "loads", boom)
+    with pytest.raises(ProtocolError, match=r"unreadable JSON \(RecursionError\)"):
+        parse_control(ACK_OK, "ack")
+
+
+def test_json_depth_of_a_megabyte_is_fast():
+    import time
+
+    data = json.dumps({"seeds": {str(i): 10**9 + i for i in range(60_000)},
+                       "x": ['a\\"[b'] * 10_000}).encode()[: MAX_CONTROL_BYTES]
+    start = time.perf_counter()
+    protocol.json_depth(data)
+    assert time.perf_counter() - start < 0.5  # ~15 ms here; a Python loop takes ~1 s
+
+
+# ------------------------------------------------------------------ numbers, digests
+@pytest.mark.parametrize("kind, fields, match", [
+    ("status", dict(state="online", examples=0), "'examples': expected 1 to"),
+    ("status", dict(state="online", examples=10**400), "'examples': expected 1 to"),
+    ("status", dict(state="online", examples=True), "'examples': expected an integer"),
+    ("status", dict(state="online", examples=1.5), "'examples': expected an integer"),
+    ("status", dict(state="online", round=-2), "'round': expected -1 to"),
+    ("status", dict(state="online", round=2**32), "'round': expected -1 to"),
+    ("ack", dict(round=2**40, accepted=True, reason=""), "'round': expected -1 to"),
+    ("ack", dict(round=0, accepted=True, reason="", digest="AB" * 32), "64 hex"),
+    ("ack", dict(round=0, accepted=True, reason="", digest="ab"), "64 hex"),
+    ("ack", dict(round=0, accepted=True, reason="", digest=None), "'digest'"),
+    ("server", dict(state="online", rounds=-1), "'rounds': expected 0 to"),
+    ("round", round_fields(attempt=2**33), "'attempt': expected 0 to"),
+])
+def test_numbers_in_control_messages_are_range_checked(kind, fields, match):
+    with pytest.raises(ProtocolError, match=match):
+        parse_control(message(kind, **fields), kind)
+
+
+def test_optional_fields_examples_and_digest_are_read():
+    status = parse_control(control("status", state="online", examples=250), "status")
+    assert status["examples"] == 250
+    assert "examples" not in parse_control(control("status", state="online"), "status")
+    ack = parse_control(control("ack", round=0, accepted=True, reason="",
+                                digest="0f" * 32), "ack")
+    assert ack["digest"] == "0f" * 32
+    assert parse_control(control("ack", round=0, accepted=False, reason="junk",
+                                 digest=""), "ack")["digest"] == ""
+    assert "digest" not in parse_control(ACK_OK, "ack")  # an older aggregator's ack
+
+
+def test_transfer_id_is_the_chunk_headers_digest():
+    chunks = split(PAYLOAD, 4096)
+    assert {protocol.transfer_id(c) for c in chunks} == {protocol.digest_of(PAYLOAD)}
+    assert protocol.transfer_id(b"JUNK" * 100) == ""
+    assert protocol.transfer_id(chunks[0][:52]) == ""
 
 
 # ------------------------------------------------------------------ topics and ids

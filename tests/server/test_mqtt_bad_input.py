@@ -3,8 +3,10 @@
 The test plays device "evil" with a raw paho client: it is registered and
 online, so it is selected, and when round 1 opens it publishes a long list of
 broken updates on its own update topic, one after another, each answered by a
-rejecting ack with a reason; then a valid update (accepted) and the same one
-again (a duplicate: acknowledged, not counted). Two honest device processes
+rejecting ack with a reason and the digest of the upload; then a valid update
+(accepted) and the same one again (acknowledged "already counted", not counted
+twice; again so in round 2, where another round-1 update is refused as late).
+Two honest device processes
 train meanwhile; the federation must complete both rounds as if nothing had
 happened. A registered but silent device "ghost" keeps round 1 open until the
 test is done (it then goes offline and the round closes after offline_grace).
@@ -41,6 +43,7 @@ pytestmark = pytest.mark.mqtt
 
 MAX_NORM = 1000.0
 ACK_TIMEOUT = 60.0
+MAX_EXAMPLES = 100_000  # ServiceConfig's default
 
 
 # ------------------------------------------------------------------ update_problem
@@ -296,7 +299,7 @@ CASES: list[tuple[str, Builder, str]] = [
     ("kind model instead of update", lambda c: encode_update(c, kind="model"),
      r"got kind 'model'"),
     ("num_examples 0", lambda c: encode_update(c, num_examples=0),
-     r"num_examples: expected 1 to 10000000, got 0"),
+     r"num_examples: expected 1 to 100000, got 0"),
     ("num_examples 2**64-1", lambda c: encode_update(c, num_examples=2**64 - 1),
      r"num_examples: .*got 18446744073709551615"),
     ("update norm above max_update_norm", lambda c: encode_update(c, change(
@@ -317,7 +320,7 @@ def test_every_hostile_payload_is_what_its_name_says():
     net = models.build("cnn", num_classes=10, seed=0)
     ctx = Ctx(net.state_dict(), 0, "sparsefedpp")
     assert update_problem(codec.decode(encode_update(ctx)), ctx.tensors,
-                          max_examples=10_000_000, max_norm=MAX_NORM) == ""
+                          max_examples=MAX_EXAMPLES, max_norm=MAX_NORM) == ""
     for name, build, match in CASES:
         reasons = []
         r = protocol.Reassembler(max_total=256 << 20)
@@ -340,7 +343,7 @@ def test_every_hostile_payload_is_what_its_name_says():
             elif msg.round != 0:
                 reasons.append(f"round {msg.round + 1} is not open yet (now round 1)")
             else:
-                reasons.append(update_problem(msg, ctx.tensors, max_examples=10_000_000,
+                reasons.append(update_problem(msg, ctx.tensors, max_examples=MAX_EXAMPLES,
                                               max_norm=MAX_NORM))
         assert len(reasons) == 1 and re.search(match, reasons[0]), (name, reasons)
 
@@ -460,23 +463,28 @@ def _run_hostile_federation(fed: Federation, spy: Spy, tmp_path: Path,
     spy.publish("sfpp/update/stranger", protocol.split(valid)[0])  # unregistered
     outcomes = []
     for name, build, match in CASES:
-        ack = spy.send(payload_messages(build(ctx)))
-        outcomes.append((name, match, ack))
+        messages = payload_messages(build(ctx))
+        ack = spy.send(messages)
+        outcomes.append((name, match, ack, messages))
     first_ack = spy.send(protocol.split(valid))
     replay_ack = spy.send(protocol.split(valid))
     spy.publish("sfpp/status/ghost", protocol.OFFLINE, retain=True)  # closes round 1
 
-    bad = [(n, a) for n, m, a in outcomes if a["accepted"] or not re.search(
+    bad = [(n, a) for n, m, a, _ in outcomes if a["accepted"] or not re.search(
         m, a["reason"])]
     assert not bad, "\n".join(f"{n}: {a}" for n, a in bad)
+    for name, _, ack, messages in outcomes:  # each ack names the upload it answers
+        assert ack["digest"] == protocol.transfer_id(messages[-1]), name
     assert first_ack == {"v": 1, "type": "ack", "round": 0, "accepted": True,
-                         "reason": ""}
-    assert replay_ack["accepted"] and "duplicate" in replay_ack["reason"]
+                         "reason": "", "digest": protocol.digest_of(valid)}
+    assert replay_ack == dict(first_ack, reason="already counted")
 
     # ---- round 2: the round-1 update again (closed round), then a valid one
     ann2, model2 = spy.announced(1, 120)
     assert sorted(ann2["selected"]) == ["0", "1", "evil"]
-    stale_ack = spy.send(protocol.split(valid))
+    late_ack = spy.send(protocol.split(valid))  # counted in round 1
+    assert late_ack == dict(first_ack, reason="already counted")
+    stale_ack = spy.send(protocol.split(encode_update(ctx, num_examples=11)))
     assert not stale_ack["accepted"]
     assert "round 1 is closed (now round 2)" in stale_ack["reason"]
     ctx2 = Ctx(model2.tensors, 1, ann2["config"]["method"]["method"])
@@ -495,7 +503,8 @@ def _run_hostile_federation(fed: Federation, spy: Spy, tmp_path: Path,
     assert r1["aggregated"] and sorted(r1["accepted"]) == ["0", "1", "evil"]
     assert ["ghost", "no valid update before the deadline"] in r1["failures"]
     assert [d for d, _ in r1["rejected"]] == ["evil"] * len(CASES)
-    for (name, match, ack), (_, reason) in zip(outcomes, r1["rejected"], strict=True):
+    for (name, match, ack, _), (_, reason) in zip(outcomes, r1["rejected"],
+                                                  strict=True):
         assert ack["reason"] == reason[:500], name
         assert re.search(match, reason), (name, reason)
     # the duplicate was counted once: bytes_up is the sum of the accepted updates
