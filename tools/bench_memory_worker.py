@@ -1,12 +1,19 @@
 """One ``sparsefedpp bench-memory`` measurement in a fresh process; prints one JSON line.
 
 ``python -m sparsefedpp.tools.bench_memory_worker --framework ours|torch --data
-SHARD.npz --batch-size B [--sparsity S]`` trains ResNet-8 on a device's shard the
-way a device does (uint8 images, converted per batch) and records the RSS after
-each phase: the numeric library, the framework (for ours: numba), the kernels
-(ours: Numba's compiled code loaded), the data, the model, the first step and a
-whole local round; the peak (VmHWM) closes the record. Only the standard
-library is imported at the top, so the first phase is the bare interpreter.
+SHARD.npz --model resnet18 --batch-size B [--sparsity S]`` trains one local round
+on a device's shard the way a device does: ours through
+``trainer.client.local_round`` (the device agent's and simulate's code path) on a
+model whose weights are already pruned to S (a client receives the sparse global
+model), torch through the same plain SGD loop over the same uint8 batches. It
+records the RSS after each phase: the numeric library, the framework (ours:
+numba), the package with its kernels (loaded from Numba's cache), the data, the
+model weights, the first step (activations), a whole round; then the peak
+(VmHWM), the bytes of weights, gradients and optimizer state, the bytes held for
+backward, the round time, the seconds from process start to the end of the
+first step, and how many kernel signatures were compiled in this process (0 with
+a warm cache). Only the standard library is imported at the top, so the first
+phase is the bare interpreter.
 """
 
 from __future__ import annotations
@@ -14,8 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 from .bench_worker import proc_status_mb  # standard library only at its top
+
+PHASES = ("interpreter", "numpy", "framework", "kernels", "data", "weights",
+          "first_step", "round")
+#: local SGD of a round (trainer.client.LocalConfig's reference, batch from the flag)
+LR, WEIGHT_DECAY = 0.05, 1e-3
 
 
 def rss_mb(key: str = "VmRSS") -> float:
@@ -23,10 +36,15 @@ def rss_mb(key: str = "VmRSS") -> float:
     return float("nan") if mb is None else round(mb, 1)
 
 
-def ours(args, phases: dict) -> None:
+def _mb(arrays) -> float:
+    return round(sum(a.nbytes for a in arrays) / 2**20, 2)
+
+
+def ours(args, phases: dict, out: dict) -> None:
     import numba  # noqa: F401
     phases["framework"] = rss_mb()
-    from sparsefedpp.runtime import models
+    from sparsefedpp.runtime import accounting, models, pruning
+    from sparsefedpp.tools.kernel_cache import process_age, report
     from sparsefedpp.trainer.client import LocalConfig, MethodConfig, local_round
     from sparsefedpp.trainer.data import load_npz
     phases["kernels"] = rss_mb()
@@ -34,22 +52,40 @@ def ours(args, phases: dict) -> None:
 
     data = load_npz(args.data)
     phases["data"] = rss_mb()
-    model = models.build("resnet8", num_classes=len(data.classes), alpha=1.25, seed=0)
-    phases["model"] = rss_mb()
+    model = models.build(args.model, num_classes=len(data.classes), width=args.width,
+                         in_channels=data.images.shape[1], alpha=1.25, seed=0)
+    if args.sparsity:
+        pruning.prune(model, args.sparsity, "global")
+    phases["weights"] = rss_mb()
     method = MethodConfig("sparsefedpp", args.sparsity) if args.sparsity else \
         MethodConfig("fedavg")
     local = LocalConfig(batch_size=args.batch_size)
-    local_round(model, data.subset(np.arange(args.batch_size)), method, local,
-                lr=0.05, seed=0)
+    out.update(weights_mb=_mb(model.params().values()),
+               grads_mb=_mb(model.grads().values()),
+               # SGD keeps one momentum buffer per parameter, none without momentum
+               optimizer_mb=_mb(model.params().values()) if local.momentum else 0.0,
+               momentum=local.momentum,
+               weight_sparsity=pruning.global_sparsity(model))
+    start = time.perf_counter()
+    local_round(model, data.subset(np.arange(min(args.batch_size, len(data)))),
+                method, local, lr=LR, seed=0)
+    out["first_step_s"] = time.perf_counter() - start
+    out["first_step_process_s"] = process_age()
+    out["held_mb"] = round(accounting.cost_report(model).totals["held_bytes"] / 2**20, 2)
     phases["first_step"] = rss_mb()
-    local_round(model, data, method, local, lr=0.05, seed=0)
+    update = local_round(model, data, method, local, lr=LR, seed=0)
+    out["round_s"] = update.metrics["train_seconds"]
+    out["round_loss"] = update.metrics["loss"]
     phases["round"] = rss_mb()
+    cache = report()
+    out.update(compiled=cache.compiled, loaded_from_cache=cache.loaded,
+               cache_dir=cache.cache_dir)
 
 
-def torch_side(args, phases: dict) -> None:
+def torch_side(args, phases: dict, out: dict) -> None:
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     phases["framework"] = rss_mb()
     phases["kernels"] = phases["framework"]
     import numpy as np
@@ -60,9 +96,12 @@ def torch_side(args, phases: dict) -> None:
         images, labels = f["x_train"], f["y_train"].astype(np.int64)
     phases["data"] = rss_mb()
     torch.manual_seed(0)
-    model = bench_torch.build("resnet8")
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, weight_decay=1e-3)
-    phases["model"] = rss_mb()
+    model = bench_torch.build(args.model, width=args.width,
+                              in_channels=images.shape[1])
+    opt = torch.optim.SGD(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    phases["weights"] = rss_mb()
+    out.update(weights_mb=_mb(p.detach().numpy() for p in model.parameters()),
+               grads_mb=None, optimizer_mb=0.0, momentum=0.0)
     mean = images.mean(axis=(0, 2, 3), keepdims=True) / 255.0
     std = images.std(axis=(0, 2, 3), keepdims=True) / 255.0
 
@@ -75,27 +114,37 @@ def torch_side(args, phases: dict) -> None:
         opt.step()
 
     model.train()
-    step(np.arange(args.batch_size))
+    start = time.perf_counter()
+    step(np.arange(min(args.batch_size, len(labels))))
+    out["first_step_s"] = time.perf_counter() - start
     phases["first_step"] = rss_mb()
+    start = time.perf_counter()
     order = np.random.default_rng(0).permutation(len(labels))
     for i in range(0, len(order), args.batch_size):
         step(order[i:i + args.batch_size])
+    out["round_s"] = time.perf_counter() - start
     phases["round"] = rss_mb()
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m sparsefedpp.tools.bench_memory_worker")
     p.add_argument("--framework", required=True, choices=("ours", "torch"))
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", required=True, help="the shard (.npz)")
+    p.add_argument("--model", default="resnet8", choices=("resnet8", "resnet18"))
+    p.add_argument("--width", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--sparsity", type=float, default=0.0)
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
     args = p.parse_args(argv)
     phases = {"interpreter": rss_mb()}
     import numpy  # noqa: F401
     phases["numpy"] = rss_mb()
-    (ours if args.framework == "ours" else torch_side)(args, phases)
-    record = {"ok": True, "framework": args.framework, "batch_size": args.batch_size,
-              "sparsity": args.sparsity, "phases_mb": phases, "peak_mb": rss_mb("VmHWM")}
+    out: dict = {}
+    (ours if args.framework == "ours" else torch_side)(args, phases, out)
+    record = {"ok": True, "framework": args.framework, "model": args.model,
+              "width": args.width, "batch_size": args.batch_size,
+              "sparsity": args.sparsity, "phases_mb": phases,
+              "peak_mb": rss_mb("VmHWM"), **out}
     sys.stdout.write(json.dumps(record) + "\n")
     return 0
 

@@ -126,8 +126,8 @@ class Ours:
         return {"numpy": numpy.__version__, "numba": numba.__version__,
                 "numba_threads": numba.get_num_threads(), **blas_info()}
 
-    def build(self, model: str, state_path: str | None, seed: int):
-        self.model = self.rt.build(model, seed=seed)
+    def build(self, model: str, state_path: str | None, seed: int, width: float = 1.0):
+        self.model = self.rt.build(model, width=width, seed=seed)
         if state_path:
             import numpy as np
 
@@ -174,15 +174,16 @@ class Torch:
                 "torch_threads": self.torch.get_num_threads(),
                 "torch_interop_threads": self.torch.get_num_interop_threads()}
 
-    def build(self, model: str, state_path: str | None, seed: int):
+    def build(self, model: str, state_path: str | None, seed: int, width: float = 1.0):
         if state_path:
             import numpy as np
 
             with np.load(state_path) as state:
-                self.model = self.bench_torch.from_state_dict(model, dict(state))
+                self.model = self.bench_torch.from_state_dict(model, dict(state),
+                                                              width=width)
         else:
             self.torch.manual_seed(seed)
-            self.model = self.bench_torch.build(model)
+            self.model = self.bench_torch.build(model, width=width)
         self.opt = self.torch.optim.SGD(self.model.parameters(), lr=LR,
                                         momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
 
@@ -308,7 +309,7 @@ def setup_speed(fw, args) -> tuple[dict, dict]:
     returns the timed operations and the ready record."""
     import numpy as np
 
-    fw.build(args.model, args.state, args.seed)
+    fw.build(args.model, args.state, args.seed, args.width)
     x, y = fw.batch(*make_batch(args.batch_size, args.seed))
     ready = {}
     logits = np.asarray(fw.logits(x), dtype=np.float32)
@@ -330,7 +331,8 @@ def prepare_sparse(fw, args):
     from sparsefedpp.runtime import activation_policy, pruning
 
     s = args.sparsity
-    fw.model = rt.build(args.model, alpha=args.alpha, seed=args.seed)
+    fw.model = rt.build(args.model, alpha=args.alpha, width=args.width,
+                        seed=args.seed)
     fw.opt = rt.SGD(fw.model.params(), fw.model.grads(), LR, momentum=MOMENTUM,
                     weight_decay=WEIGHT_DECAY)
     if s > 0:
@@ -420,6 +422,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rss-steps", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--width", type=float, default=1.0, help="channel multiplier")
     p.add_argument("--state", default=None, help="npz of our model's state_dict")
     p.add_argument("--sparsity", type=float, default=0.0, help="task sparse: S")
     p.add_argument("--alpha", type=float, default=1.25, help="task sparse: Powerprop")

@@ -266,7 +266,7 @@ def run(args) -> int:
         metrics.write("start", command="bench", **asdict(config),
                       thread_vars=session.thread_vars,
                       openblas_coretype=os.environ.get("OPENBLAS_CORETYPE"),
-                      python=platform.python_version())
+                      python=platform.python_version(), loadavg=os.getloadavg())
         session.first_step()
         for name in config.models:
             session.model(name)
@@ -274,7 +274,7 @@ def run(args) -> int:
         for row in rows:
             metrics.write("bench", **row.record())
         metrics.write("end", elapsed_seconds=time.perf_counter() - start,
-                      num_errors=len(session.errors))
+                      num_errors=len(session.errors), loadavg=os.getloadavg())
     text = report(session, rows, args.format)
     print(text, file=table_out, flush=True)
     for failed in session.errors:
@@ -329,6 +329,9 @@ def header(session: Session) -> list[str]:
         lines.append(f"versions: {', '.join(versions)}"
                      + (f"; BLAS: {ours['blas_config']}" if ours.get("blas_config")
                         else ""))
+    lines.append("load average (1, 5, 15 min) at the end: "
+                 + ", ".join(f"{v:.2f}" for v in os.getloadavg())
+                 + f" on {os.cpu_count()} CPUs")
     coretype = os.environ.get("OPENBLAS_CORETYPE")
     if coretype is not None:
         lines.append(f"OPENBLAS_CORETYPE={coretype} (from the environment, passed "

@@ -1,103 +1,251 @@
-"""``sparsefedpp bench-memory``: RSS of training ResNet-8 on a device, phase by phase,
-beside PyTorch in its own process.
+"""``sparsefedpp bench-memory``: one local round of a device, phase by phase, beside
+PyTorch in its own process.
 
-Each configuration (framework, batch size, sparsity) runs in a fresh
-``bench_memory_worker`` process on a shard of 1000 uint8 CIFAR-sized images
-(random pixels: memory does not depend on their values), which trains one
-local round the way the device agent does. Target (issue 8): a peak under 200
-MB for ResNet-8 training.
+Each configuration (framework, model, sparsity) runs in a fresh
+``bench_memory_worker`` process that trains one local round on a real shard
+(default: the first 500 images of Fashion-MNIST; ``--data`` a CIFAR-10 folder or
+anything ``sparsefedpp train --data`` takes) through the client's own code path
+(``trainer.client.local_round``), and reports where the megabytes go: RSS after
+the imports, the kernels, the data, the weights, the first step and the round,
+the peak (VmHWM), the bytes of weights, gradients, optimizer state and of what is
+held for backward, the round time, and how many kernels were compiled in the
+round (``--fresh-cache`` first runs ``sparsefedpp warmup`` in a new
+NUMBA_CACHE_DIR, so this checks that the warm-up compiles every kernel a round
+needs). Targets (issue 15): ResNet-18 at 99 % <= 250 MB, ResNet-8 at 99 % <= 165
+MB, dense ResNet-18 <= 0.6x PyTorch's peak.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
+from sparsefedpp.runtime.errors import ConfigError, DataError
 
+from .bench_memory_worker import PHASES
+from .bench_report import MEMORY_TARGETS
 from .cmd_train import add_common
 from .metrics import MetricsWriter
 from .progress import say
 
-PHASES = ("interpreter", "numpy", "framework", "kernels", "data", "model", "first_step",
-          "round")
-TARGET_MB = 200.0
+FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+#: (model, sparsity) of the default runs: the ResNet-18 client of the README, and
+#: ResNet-8 at 99 %
+RUNS = ("resnet18:0", "resnet18:0.9", "resnet18:0.99", "resnet18:0.999",
+        "resnet8:0.99")
+MODELS = ("resnet8", "resnet18")
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("bench-memory", help="RSS per phase of a device's ResNet-8 "
-                       "training round, vs PyTorch",
-                       description="Peak and per-phase RSS of one local round of "
-                       "ResNet-8 (batch 16/32, dense and 99 %% sparse) in fresh "
+    p = sub.add_parser("bench-memory", help="RSS per phase and time of one local "
+                       "training round of a device, vs PyTorch",
+                       description="Peak and per-phase RSS and the time of one local "
+                       "round (the client's code path) on a real shard, in fresh "
                        "processes, with PyTorch's dense round beside it.")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 32])
-    p.add_argument("--sparsities", type=float, nargs="+", default=[0.0, 0.99])
-    p.add_argument("--examples", type=int, default=1000)
+    p.add_argument("--runs", nargs="+", default=list(RUNS), metavar="MODEL:S",
+                   help=f"model:sparsity pairs (default {' '.join(RUNS)})")
+    p.add_argument("--data", default=None,
+                   help="a CIFAR-10 python folder, IDX folder or .npz (default: "
+                   f"Fashion-MNIST from {FASHION_MNIST})")
+    p.add_argument("--examples", type=int, default=500, help="shard size (default 500)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--width", type=float, default=1.0,
+                   help="channel multiplier (default 1; smoke tests)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--timeout", type=float, default=1800.0)
+    p.add_argument("--fresh-cache", action="store_true",
+                   help="run `sparsefedpp warmup` in a new NUMBA_CACHE_DIR first and "
+                   "measure every round with that cache (warm-start check)")
     p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--format", default="text", choices=("text", "markdown"))
     add_common(p)
     p.set_defaults(run=run)
 
 
-def write_shard(path: Path, n: int, seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    np.savez(path, x_train=rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8),
-             y_train=rng.integers(0, 10, n), x_test=np.zeros((0, 3, 32, 32), np.uint8),
-             y_test=np.zeros(0, np.int64), classes=np.array([str(i) for i in range(10)]))
+def parse_runs(items: list[str]) -> list[tuple[str, float]]:
+    runs = []
+    for item in items:
+        model, _, s = item.partition(":")
+        try:
+            sparsity = float(s or 0)
+        except ValueError:
+            sparsity = -1.0
+        if model not in MODELS or not 0.0 <= sparsity < 1.0:
+            raise ConfigError(f"--runs: expected MODEL:S with MODEL in "
+                              f"{', '.join(MODELS)} and S in [0, 1), got {item!r}")
+        runs.append((model, sparsity))
+    return list(dict.fromkeys(runs))
 
 
-def measure(framework: str, shard: Path, batch: int, sparsity: float) -> dict:
+def load_data(spec: str | None):
+    """The dataset the shard is cut from; a clear DataError without one."""
+    from sparsefedpp.trainer.data import load_dataset
+
+    if spec is None:
+        if not Path(FASHION_MNIST).is_dir():
+            raise DataError(f"bench-memory: no data: pass --data with a CIFAR-10 "
+                            f"folder (e.g. cifar-10-batches-py) or install Fashion-MNIST "
+                            f"(apt-get install dataset-fashion-mnist, {FASHION_MNIST})")
+        spec = FASHION_MNIST
+    return load_dataset(spec)
+
+
+def write_shard(path: Path, data, n: int, seed: int) -> None:
+    """The first-come n images of a seeded permutation, as a device's .npz shard."""
+    if len(data) < n:
+        raise ConfigError(f"--examples: the data has {len(data)} images, asked {n}")
+    idx = np.sort(np.random.default_rng(seed).permutation(len(data))[:n])
+    shape = (0, *data.images.shape[1:])
+    np.savez(path, x_train=np.asarray(data.images[idx]), y_train=data.labels[idx],
+             x_test=np.zeros(shape, np.uint8), y_test=np.zeros(0, np.int64),
+             classes=np.array(data.classes))
+
+
+def measure(framework: str, model: str, sparsity: float, args, shard: Path,
+            env: dict) -> dict:
     cmd = [sys.executable, "-m", "sparsefedpp.tools.bench_memory_worker",
-           "--framework", framework, "--data", str(shard), "--batch-size", str(batch),
-           "--sparsity", str(sparsity)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False)
+           "--framework", framework, "--data", str(shard), "--model", model,
+           "--width", str(args.width), "--batch-size", str(args.batch_size),
+           "--sparsity", str(sparsity), "--threads", str(args.threads)]
+    base = {"ok": False, "framework": framework, "model": model, "sparsity": sparsity,
+            "batch_size": args.batch_size}
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
+                             check=False, env=env, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return {**base, "error": f"timed out after {args.timeout:g} s"}
     if out.returncode != 0:
         tail = "\n".join(out.stderr.strip().splitlines()[-5:])
-        return {"ok": False, "framework": framework, "batch_size": batch,
-                "sparsity": sparsity, "error": f"exit {out.returncode}: {tail}"}
+        return {**base, "error": f"exit {out.returncode}: {tail}"}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def table(rows: list[dict]) -> str:
-    head = ["framework", "batch", "sparsity", *PHASES, "peak"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+def warmup(env: dict, timeout: float) -> dict:
+    """``sparsefedpp warmup --json`` in the workers' environment."""
+    cmd = [sys.executable, "-m", "sparsefedpp.tools.cli", "warmup", "--json", "--quiet"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                         check=False, env=env, stdin=subprocess.DEVNULL)
+    if out.returncode != 0:
+        raise ConfigError(f"bench-memory: sparsefedpp warmup failed: {out.stderr[-500:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def verdicts(rows: list[dict]) -> None:
+    """Target and verdict of each ok row (MEMORY_TARGETS; the ratio is to PyTorch's
+    peak on the same model)."""
+    torch = {r["model"]: r["peak_mb"] for r in rows
+             if r["ok"] and r["framework"] == "torch"}
     for r in rows:
-        if not r["ok"]:
-            lines.append(f"| {r['framework']} | {r['batch_size']} | {r['sparsity']:g} | "
-                         f"error: {r['error'][:80]} |")
+        r["target"] = r["verdict"] = r["vs_torch"] = None
+        if not r["ok"] or r["framework"] != "ours":
             continue
-        ph = r["phases_mb"]
-        lines.append("| " + " | ".join([r["framework"], str(r["batch_size"]),
-                                         f"{r['sparsity']:g}"] +
-                                        [f"{ph[p]:.0f}" for p in PHASES] +
-                                        [f"**{r['peak_mb']:.0f}**"]) + " |")
-    return "\n".join(lines)
+        r["vs_torch"] = r["peak_mb"] / torch[r["model"]] if r["model"] in torch else None
+        target = MEMORY_TARGETS.get((r["model"], r["sparsity"]))
+        if target is not None and r.get("width", 1.0) == 1.0:
+            r["target"] = target.text
+            r["verdict"] = target.verdict(r["peak_mb"], r["vs_torch"])
+
+
+HEAD = ["framework", "model", "S", *PHASES, "peak", "vs torch", "target", "verdict",
+        "round s", "first step s", "start to 1st step s", "compiled", "weights",
+        "grads", "optimizer", "held"]
+
+
+def _cells(r: dict) -> list[str]:
+    def num(v, fmt="{:.0f}"):
+        return "-" if v is None else fmt.format(v)
+
+    ph = r["phases_mb"]
+    return [r["framework"], r["model"], f"{r['sparsity']:g}",
+            *(num(ph.get(p)) for p in PHASES), num(r["peak_mb"]),
+            num(r["vs_torch"], "{:.2f}x"), r["target"] or "", r["verdict"] or "",
+            num(r.get("round_s"), "{:.1f}"), num(r.get("first_step_s"), "{:.2f}"),
+            num(r.get("first_step_process_s"), "{:.2f}"), num(r.get("compiled"), "{}"),
+            num(r.get("weights_mb"), "{:.1f}"), num(r.get("grads_mb"), "{:.1f}"),
+            num(r.get("optimizer_mb"), "{:.1f}"), num(r.get("held_mb"), "{:.1f}")]
+
+
+def table(rows: list[dict], fmt: str = "markdown") -> str:
+    ok = [r for r in rows if r["ok"]]
+    lines = [_cells(r) for r in ok]
+    errors = [f"{r['framework']} {r['model']} S={r['sparsity']:g}: error: {r['error']}"
+              for r in rows if not r["ok"]]
+    if fmt == "markdown":
+        out = ["| " + " | ".join(HEAD) + " |", "|" + "---|" * len(HEAD)]
+        out += ["| " + " | ".join(c) + " |" for c in lines]
+        return "\n".join(out + [f"- {e}" for e in errors])
+    widths = [max(len(h), *(len(c[i]) for c in lines)) if lines else len(h)
+              for i, h in enumerate(HEAD)]
+    line = "  ".join(f"{{:>{w}}}" for w in widths)
+    return "\n".join([line.format(*HEAD), *(line.format(*c) for c in lines), *errors])
+
+
+LEGEND = ("MB of RSS after each phase: interpreter; numpy imported; numba (torch) "
+          "imported; the package and its kernels loaded (Numba cache); the shard "
+          "(uint8); the model built (ours: pruned to S); one step (a local round of "
+          "one batch); a whole local round; peak = VmHWM. weights/grads/optimizer/"
+          "held = MB of parameter, gradient and optimizer-state arrays and of the "
+          "activations held for backward (one step); compiled = kernel signatures "
+          "compiled in the worker (0: the cache was warm); start to 1st step = "
+          "process start to the end of the first step")
 
 
 def run(args) -> int:
+    runs = parse_runs(args.runs)
+    if args.examples < 1 or args.batch_size < 1:
+        raise ConfigError("--examples and --batch-size: expected integers >= 1, got "
+                          f"{args.examples} and {args.batch_size}")
+    data = load_data(args.data)
     rows = []
-    with tempfile.TemporaryDirectory() as tmp, MetricsWriter(args.metrics) as metrics:
+    with tempfile.TemporaryDirectory(prefix="sparsefedpp-mem-") as tmp, \
+            MetricsWriter(args.metrics) as metrics:
         shard = Path(tmp) / "shard.npz"
-        write_shard(shard, args.examples, args.seed)
-        configs = [("ours", b, s) for b in args.batch_sizes for s in args.sparsities]
+        write_shard(shard, data, args.examples, args.seed)
+        del data
+        env = dict(os.environ)
+        for key in ("OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS", "OMP_NUM_THREADS"):
+            env[key] = str(args.threads)
+        metrics.write("start", command="bench-memory", runs=args.runs,
+                      data=args.data or FASHION_MNIST, examples=args.examples,
+                      batch_size=args.batch_size, width=args.width,
+                      fresh_cache=args.fresh_cache, loadavg=os.getloadavg())
+        notes = []
+        if args.fresh_cache:
+            env["NUMBA_CACHE_DIR"] = str(Path(tmp) / "numba-cache")
+            say("bench-memory: sparsefedpp warmup in a new NUMBA_CACHE_DIR ...",
+                quiet=args.quiet)
+            w = warmup(env, args.timeout)
+            metrics.write("warmup", **w)
+            notes.append(f"fresh cache: warmup compiled {w['compiled']} of "
+                         f"{w['signatures']} kernel signatures in "
+                         f"{w['total_seconds']:.1f} s")
+        configs = [("ours", m, s) for m, s in runs]
         if not args.no_torch:
-            configs += [("torch", b, 0.0) for b in args.batch_sizes]
-        for fw, b, s in configs:
-            say(f"bench-memory: {fw} batch {b} sparsity {s:g} ...", quiet=args.quiet)
-            r = measure(fw, shard, b, s)
-            rows.append(r)
+            configs += [("torch", m, 0.0) for m in dict.fromkeys(m for m, _ in runs)]
+        for fw, model, s in configs:
+            say(f"bench-memory: {fw} {model} sparsity {s:g} ...", quiet=args.quiet)
+            rows.append(measure(fw, model, s, args, shard, env))
+        verdicts(rows)
+        for r in rows:
             metrics.write("memory", **r)
-    print(table(rows))
-    ours = [r["peak_mb"] for r in rows if r["ok"] and r["framework"] == "ours"]
-    torch = [r["peak_mb"] for r in rows if r["ok"] and r["framework"] == "torch"]
-    if ours:
-        print(f"\nours: largest peak {max(ours):.0f} MB (target < {TARGET_MB:.0f} MB: "
-              f"{'met' if max(ours) < TARGET_MB else 'MISSED'})"
-              + (f"; PyTorch {min(torch):.0f}-{max(torch):.0f} MB" if torch else ""))
-    print("phases (MB of RSS after each): interpreter; numpy imported; numba (torch) "
-          "imported; the engine and its kernels loaded; the shard loaded (uint8); "
-          "ResNet-8 built; one train step; one local round over the shard; peak = "
-          "VmHWM")
-    return 0 if all(r["ok"] for r in rows) else 1
+    compiled = [r for r in rows if r["ok"] and r.get("compiled")]
+    if compiled:
+        notes.append("kernels compiled inside a round (the warm-up misses them): "
+                     + ", ".join(f"{r['model']} S={r['sparsity']:g}: {r['compiled']}"
+                                 for r in compiled))
+    out = sys.stderr if args.metrics == "-" else sys.stdout
+    head = (f"bench-memory: one local round, {args.examples} images of "
+            f"{args.data or FASHION_MNIST}, batch {args.batch_size}, {args.threads} "
+            "threads")
+    if args.format == "markdown":
+        text = "\n".join([f"- {head}", f"- {LEGEND}", *(f"- {n}" for n in notes), "",
+                          table(rows, "markdown")])
+    else:
+        text = "\n".join([head, LEGEND, *notes, "", table(rows, "text")])
+    print(text, file=out, flush=True)
+    return 0 if all(r["ok"] for r in rows) and not compiled else 1
