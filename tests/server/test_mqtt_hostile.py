@@ -399,3 +399,289 @@ def test_no_message_stops_the_agent(tmp_path, caplog, monkeypatch):
     assert "'round': expected -1 to" in lines[2]
     assert lines[3] == ("ignored a message on sfpp/round that failed its handler: "
                         "KeyError: 'a programming error'")
+
+
+# ------------------------------------------------------------------ the live run
+class Attacker:
+    """A raw paho MQTT 5 client holding one device's password (the broker forces
+    the client id to the username). The paho thread only files messages away."""
+
+    def __init__(self, broker, user: str, password: str, subscriptions=()):
+        import paho.mqtt.client as mqtt
+
+        self.cond = threading.Condition()
+        self.received: list[tuple[str, bytes, bool]] = []
+        self.errors: list[str] = []
+        self._pubacks: dict[int, int] = {}
+        self._up = threading.Event()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=user,
+                                  protocol=mqtt.MQTTv5)
+        self.client.username_pw_set(user, password)
+        self.client.on_connect = lambda c, u, f, rc, p: self._up.set()
+        self.client.on_message = self._on_message
+        self.client.on_publish = self._on_publish
+        self.client.connect(broker.host, broker.port, keepalive=30, clean_start=True)
+        self.client.loop_start()
+        assert self._up.wait(30), f"{user}: no CONNACK"
+        for topic in subscriptions:
+            self.client.subscribe(topic, qos=1)
+
+    def _on_message(self, client, userdata, message):
+        with self.cond:
+            self.received.append((message.topic, bytes(message.payload),
+                                  bool(message.retain)))
+            self.cond.notify_all()
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties):
+        with self.cond:
+            self._pubacks[mid] = reason_code.value
+            self.cond.notify_all()
+
+    def wait_for(self, what, timeout: float, why: str):
+        with self.cond:
+            value = self.cond.wait_for(what, timeout)
+        assert value, f"timed out after {timeout} s waiting for {why}"
+        return value
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        info = self.client.publish(topic, payload, qos=1, retain=retain)
+        self.wait_for(lambda: info.mid in self._pubacks, 30, f"PUBACK {topic}")
+        # 0x10: accepted, no subscriber yet (still retained if asked)
+        assert self._pubacks[info.mid] in (0, 0x10), (topic, self._pubacks[info.mid])
+
+    def messages(self, topic: str) -> list[bytes]:
+        return [p for t, p, _ in self.received if t == topic]
+
+    def ack_of(self, device: str, digest: str, after: int = 0,
+               timeout: float = 60) -> dict:
+        """The first ack naming ``digest`` among the acks after the ``after`` first."""
+        def find():
+            for payload in self.messages(f"sfpp/ack/{device}")[after:]:
+                ack = protocol.parse_control(payload, "ack")
+                if ack.get("digest") == digest:
+                    return ack
+            return None
+        return self.wait_for(find, timeout, f"the ack of {digest[:12]}")
+
+    def upload(self, payload: bytes) -> dict:
+        """Publish an update as one chunk on its own topic; the aggregator's ack."""
+        (chunk,) = protocol.split(payload, len(payload) + 1)
+        with self.cond:
+            seen = len(self.messages("sfpp/ack/dev2"))
+        self.publish("sfpp/update/dev2", chunk)
+        return self.ack_of("dev2", protocol.digest_of(payload), seen)
+
+    def announcement(self, rnd: int, timeout: float, not_deadline=None) -> tuple:
+        """The latest round ``rnd`` announcement (another than ``not_deadline``)
+        and its global model."""
+        def find():
+            for payload in reversed(self.messages("sfpp/round")):
+                ann = protocol.parse_control(payload, "round") if payload else None
+                if ann and ann["round"] == rnd and ann["deadline"] != not_deadline:
+                    return ann
+            return None
+        ann = self.wait_for(find, timeout, f"round {rnd + 1}")
+
+        def model():
+            r = protocol.Reassembler(max_total=64 << 20)
+            for payload in self.messages(f"sfpp/model/{0}") + [
+                    p for t, p, _ in self.received if t.startswith("sfpp/model/")
+                    and t != "sfpp/model/0"]:
+                if payload:
+                    try:
+                        whole = r.add("aggregator", payload)
+                    except protocol.ProtocolError:
+                        continue
+                    if whole is not None and protocol.digest_of(whole) == \
+                            ann["model"]["digest"]:
+                        return whole
+            return None
+        return ann, codec.decode(self.wait_for(model, 60, "the announced model"))
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def publish_as_will(broker, user: str, password: str, topic: str,
+                    payload: bytes) -> None:
+    """Take over ``user``'s durable session (clean_start=False, session kept), leave
+    ``payload`` as the will on ``topic`` and disconnect with reason 0x04: the
+    broker publishes it once we are gone, so the aggregator's ack of it is queued
+    for the user's real agent, which reconnects to that session."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+    from paho.mqtt.reasoncodes import ReasonCode
+    from sparsefedpp.runtime.broker import SESSION_EXPIRY
+
+    up = threading.Event()
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=user,
+                         protocol=mqtt.MQTTv5)
+    client.username_pw_set(user, password)
+    client.will_set(topic, payload, qos=1, retain=False)
+    client.on_connect = lambda c, u, f, rc, p: up.set()
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = SESSION_EXPIRY
+    client.connect(broker.host, broker.port, keepalive=30, clean_start=False,
+                   properties=props)
+    client.loop_start()
+    try:
+        assert up.wait(30), f"{user}: no CONNACK"
+    finally:
+        client.disconnect(reasoncode=ReasonCode(PacketTypes.DISCONNECT, identifier=4))
+        client.loop_stop()
+
+
+def password_file(folder: Path, name: str, password: str) -> str:
+    path = folder / f"{name}.pw"
+    path.write_text(password + "\n")
+    path.chmod(0o600)
+    return str(path)
+
+
+def count(log: str, text: str) -> int:
+    return sum(text in line for line in log.splitlines())
+
+
+def wait_for_count(fed: Federation, text: str, n: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while count(fed.log("server"), text) < n:
+        assert fed.procs["server"].poll() is None, fed.log("server")[-3000:]
+        assert time.monotonic() < deadline, (text, fed.log("server")[-3000:])
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    require_cifar()
+    return make_shards(tmp_path_factory.mktemp("shards"), 2)
+
+
+DEEP = b"[" * 2000
+HUGE_EXAMPLES = (b'{"v":1,"type":"status","state":"online","examples":1' + b"0" * 400
+                 + b"}")
+DECLARED = 50
+
+
+@pytest.mark.mqtt
+def test_one_devices_credentials_cannot_stop_the_federation(secure_mosquitto, shards,
+                                                            tmp_path):
+    """dev1 runs an honest agent; dev2's password is the attacker's (its agent
+    never runs), who also once uses dev1's password. Both rounds complete, with
+    one aggregator log line per attack, across a SIGKILLed and restarted serve."""
+    b = secure_mosquitto
+    fed = Federation(tmp_path, b.url)
+    agg_pw = password_file(tmp_path, "aggregator", "agg-secret")
+    config = write_config(tmp_path / "fed.toml", ["dev1", "dev2"], rounds=2,
+                          per_round=2, min_clients=2, round_timeout=120,
+                          device_grace=60, offline_grace=2)
+    evil = Attacker(b, "dev2", "pw2", ["sfpp/round", "sfpp/model/+", "sfpp/ack/dev2",
+                                       "sfpp/status/dev2"])
+    try:
+        _hostile_run(fed, evil, b, config, agg_pw, shards, tmp_path)
+    finally:
+        evil.close()
+        fed.close()
+
+
+def _hostile_run(fed, evil, b, config, agg_pw, shards, tmp_path) -> None:
+    # ---- before serve starts: what stopped it at every start
+    evil.publish("sfpp/status/dev2", DEEP, retain=True)
+    method = "sparsefedpp"
+    from sparsefedpp.runtime import models
+
+    net = models.build("cnn", num_classes=10, seed=1)
+    stale = codec.encode(Message("update", 0, "dev2", method, net.state_dict(), 10),
+                         "csr")
+    evil.publish("sfpp/update/dev2", protocol.split(stale, len(stale) + 1)[0],
+                 retain=True)
+    fed.device("dev1", shards[0], "--password-file", password_file(
+        tmp_path, "dev1", "pw1"), debug=True)
+    fed.server(config, "--password-file", agg_pw)
+
+    fed.wait_for_log("server", "ignored a retained update from dev2")
+    fed.wait_for_log("server", "ignored a bad status from dev2 (retained: cleared it)"
+                     ": status message: expected JSON nested at most 16 levels deep, "
+                     "got 2000")
+    evil.wait_for(lambda: b"" in evil.messages("sfpp/status/dev2"), 30, "the clear")
+    # a number out of range in a status, retained: ignored and cleared too
+    cleared = evil.messages("sfpp/status/dev2").count(b"")
+    evil.publish("sfpp/status/dev2", HUGE_EXAMPLES, retain=True)
+    evil.wait_for(lambda: evil.messages("sfpp/status/dev2").count(b"") > cleared, 30,
+                  "the second clear")
+    evil.publish("sfpp/status/dev2", protocol.control(
+        "status", state="online", examples=DECLARED), retain=True)
+
+    # ---- round 1: hostile updates on dev2's own topic
+    ann, model = evil.announcement(0, 120)
+    assert sorted(ann["selected"]) == ["dev1", "dev2"]
+    assert ann["config"]["method"]["method"] == method
+
+    def upd(rnd, tensors, *, meth=method, n=DECLARED, meta=None) -> bytes:
+        return codec.encode(Message("update", rnd, "dev2", meth, tensors, n,
+                                    meta or {}), "csr")
+
+    g = model.tensors
+    attacks = {
+        "metric 10**400": (upd(0, g, meta={"loss": 10**400}),
+                           "metrics 'loss': expected a finite number within +-1e+15, "
+                           "got an integer of 1329 bits"),
+        "wrong method": (upd(0, g, meth="topk"),
+                         f"method 'topk': expected the announced '{method}'"),
+        "inflated num_examples": (upd(0, g, n=DECLARED + 1),
+                                  f"num_examples: expected 1 to {DECLARED} (the count "
+                                  f"it declared online), got {DECLARED + 1}"),
+    }
+    for name, (payload, reason) in attacks.items():
+        ack = evil.upload(payload)
+        assert ack == {"v": 1, "type": "ack", "round": 0, "accepted": False,
+                       "reason": reason, "digest": protocol.digest_of(payload)}, name
+    live = upd(0, g, n=1)
+    evil.publish("sfpp/update/dev2", protocol.split(live, len(live) + 1)[0],
+                 retain=True)
+    wait_for_count(fed, "ignored a retained update from dev2", 2)
+    # dev1's password: junk on dev1's topic, published as a will, so that the ack
+    # (with the junk's digest) reaches dev1's real agent, which must ignore it
+    junk = protocol.split(b"not an update at all")[0]
+    publish_as_will(b, "dev1", "pw1", "sfpp/update/dev1", junk)
+    wait_for_count(fed, "rejected an update from dev1: undecodable update", 1)
+    counted = upd(0, g)
+    assert evil.upload(counted)["accepted"]
+
+    # ---- round 2: SIGKILL serve once it is announced, restart it
+    ann2, _ = evil.announcement(1, 180)
+    fed.kill("server")
+    fed.server(config, "--password-file", agg_pw)
+    ann2b, model2 = evil.announcement(1, 120, not_deadline=ann2["deadline"])
+    late = evil.upload(counted)  # the round-1 update again, after the restart
+    assert late == {"v": 1, "type": "ack", "round": 0, "accepted": True,
+                    "reason": ALREADY_COUNTED, "digest": protocol.digest_of(counted)}
+    assert evil.upload(upd(1, model2.tensors))["accepted"]
+
+    assert fed.wait("server", 180) == 0, fed.log("server")[-3000:]
+    assert fed.wait("device-dev1", 60) == 0, fed.log("device-dev1")[-3000:]
+
+    log = fed.log("server")
+    assert "Traceback" not in log
+    once = ["ignored a bad status from dev2 (retained: cleared it): status message: "
+            "expected JSON nested at most 16 levels deep, got 2000",
+            "ignored a bad status from dev2 (retained: cleared it): status message "
+            "field 'examples': expected 1 to",
+            "rejected an update from dev1: undecodable update: message magic",
+            "update from dev2 already counted in round 1",
+            *(f"rejected an update from dev2: {reason}"
+              for _, reason in attacks.values())]
+    assert {t: count(log, t) for t in once} == dict.fromkeys(once, 1)
+    # the retained update before the start and the live one, each once: cleared,
+    # so the restarted serve did not see them again
+    assert count(log, "ignored a retained update from dev2") == 2
+    assert count(log, "rejected an update") == len(attacks) + 1
+    dev1 = fed.log("device-dev1")
+    assert "rejected by the aggregator" not in dev1
+    assert count(dev1, "ignored an ack for an upload this device did not send") == 1
+    rounds = fed.rounds()
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert all(r["aggregated"] and sorted(r["accepted"]) == ["dev1", "dev2"]
+               for r in rounds)
+    assert np.isfinite(rounds[-1]["eval"]["accuracy"])

@@ -94,9 +94,10 @@ class Federation:
         self.procs: dict[str, subprocess.Popen] = {}
         self.env = dict(os.environ, NUMBA_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
-    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+    def _spawn(self, name: str, args: list[str], debug: bool = False) -> subprocess.Popen:
         log = open(self.folder / f"{name}.log", "ab")  # noqa: SIM115 - closed by the OS
-        proc = subprocess.Popen([sys.executable, "-m", "sparsefedpp.tools.cli", *args],
+        cli_args = ["--debug", *args] if debug else args
+        proc = subprocess.Popen([sys.executable, "-m", "sparsefedpp.tools.cli", *cli_args],
                                 stdout=log, stderr=log, env=self.env,
                                 stdin=subprocess.DEVNULL)
         self.procs[name] = proc
@@ -107,11 +108,14 @@ class Federation:
                                       str(config), "--reconnect-max", "2",
                                       *self.extra, *args])
 
-    def device(self, device_id: str, shard: Path, *args: str) -> subprocess.Popen:
+    def device(self, device_id: str, shard: Path, *args: str,
+               debug: bool = False) -> subprocess.Popen:
+        """A device agent; ``debug`` logs its debug lines (and paho's) too."""
         return self._spawn(f"device-{device_id}", [
             "client", "--broker", self.url, "--id", device_id, "--data", str(shard),
             "--state", str(self.folder / f"state-{device_id}"), "--exit-when-finished",
-            "--reconnect-max", "2", "--ack-timeout", "10", *self.extra, *args])
+            "--reconnect-max", "2", "--ack-timeout", "10", *self.extra, *args],
+            debug=debug)
 
     def log(self, name: str) -> str:
         path = self.folder / f"{name}.log"
