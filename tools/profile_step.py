@@ -1,17 +1,25 @@
-"""Where a train step's time goes: per-layer-type forward/backward milliseconds.
+"""Where a train step's time goes, by kind of work: conv/linear kernels (forward,
+grad input, grad weight), weight preparation, compressing the kept activations,
+MAC accounting, BatchNorm, ReLU, pooling, the rest of each layer's Python, the
+residual adds and dispatch of the blocks, the loss and SGD.
 
-    python tools/profile_step.py --model resnet8 --sparsity 0.99 --steps 20
+    python tools/profile_step.py --model resnet18 --sparsity 0.99 --steps 10
 
-Wraps every leaf layer's forward/backward with a timer (medians over the steps,
-summed per layer type), plus the loss and the SGD update. The sparse settings are
-those of ``sparsefedpp bench-sparse`` (every conv/linear pruned to S, top 1-S
-activations kept, Powerprop alpha 1.25).
+Every leaf layer's forward/backward and the kernel entry points that
+``runtime.layers`` calls are wrapped with a timer; a layer's own time is its total
+minus the kernels timed inside it. Medians over the steps (after two warm-up
+steps). The sparse settings are those of ``sparsefedpp bench-sparse`` (every
+conv/linear pruned to S, top 1-S activations kept, Powerprop alpha 1.25). The
+timers cost a few microseconds per call, so the step here is a little slower
+than in ``bench-sparse``.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import functools
+import json
 import time
 
 import numpy as np
@@ -22,24 +30,155 @@ from sparsefedpp.runtime import (
     pruning,
     softmax_cross_entropy,
 )
+from sparsefedpp.runtime import layers as layers_module
+from sparsefedpp.runtime.kernels import activation, conv, csr
+from sparsefedpp.runtime.sparse_activation import ActivationSparsifier, SparseActivations
+
+#: (owner, attribute) -> kind: the kernels and helpers conv/linear layers call
+KERNELS = {
+    (conv, "conv2d_forward"): "conv/linear forward kernel",
+    (csr, "csr_conv2d_forward"): "conv/linear forward kernel",
+    (csr, "csr_linear_forward"): "conv/linear forward kernel",
+    (conv, "conv2d_grad_input"): "conv/linear grad input kernel",
+    (csr, "csr_conv2d_grad_input"): "conv/linear grad input kernel",
+    (csr, "csr_linear_grad_input"): "conv/linear grad input kernel",
+    (conv, "conv2d_grad_weight"): "conv/linear grad weight kernel",
+    (activation, "conv2d_grad_weight_sparse_count"): "conv/linear grad weight kernel",
+    (activation, "linear_grad_weight_sparse"): "conv/linear grad weight kernel",
+    (layers_module.powerprop, "effective_weight"): "weight prep (Powerprop, CSR)",
+    (csr, "csr_of_weight"): "weight prep (Powerprop, CSR)",
+    (csr, "weight_row_nnz"): "weight prep (Powerprop, CSR)",
+    (ActivationSparsifier, "compress"): "top-k/compress kept activations",
+    (SparseActivations, "indices"): "top-k/compress kept activations",
+    (SparseActivations, "to_dense"): "top-k/compress kept activations",
+    (csr, "csr_conv2d_macs"): "MAC accounting",
+}
+LAYER_KINDS = {"Conv2d": "conv/linear layer Python (checks, dw/dv, grad +=)",
+               "Linear": "conv/linear layer Python (checks, dw/dv, grad +=)",
+               "BatchNorm2d": "BatchNorm", "ReLU": "ReLU",
+               "GlobalAvgPool2d": "pooling", "MaxPool2d": "pooling",
+               "Flatten": "flatten"}
+BLOCKS = "blocks: residual add, dispatch"
 
 
-def _wrap(layer, name, times):
-    fwd, bwd = layer.forward, layer.backward
+class Timers:
+    """Seconds per (kind, phase) of the current step; ``inner`` tracks kernel time
+    spent inside the layer call that is running, so layers report only their own."""
 
-    def forward(x, train, grad=None, **kwargs):  # kwargs: ReLU's inplace
-        t = time.perf_counter()
-        y = fwd(x, train, grad, **kwargs)
-        times[(name, "forward")] += time.perf_counter() - t
-        return y
+    def __init__(self):
+        self.times: dict[tuple[str, str], float] = collections.defaultdict(float)
+        self.phase = "forward"
+        self.inner = [0.0]
 
-    def backward(g):
-        t = time.perf_counter()
-        out = bwd(g)
-        times[(name, "backward")] += time.perf_counter() - t
-        return out
+    def wrap_kernel(self, owner, attr: str, kind: str) -> None:
+        fn = getattr(owner, attr)
 
-    layer.forward, layer.backward = forward, backward
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                dt = time.perf_counter() - t
+                self.times[(kind, self.phase)] += dt
+                self.inner[-1] += dt
+
+        setattr(owner, attr, timed)
+
+    def wrap_layer(self, layer, kind: str) -> None:
+        fwd, bwd = layer.forward, layer.backward
+
+        def call(fn, phase, *args, **kwargs):
+            self.phase = phase
+            self.inner.append(0.0)
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                dt = time.perf_counter() - t
+                inner = self.inner.pop()
+                self.times[(kind, phase)] += dt - inner
+                self.inner[-1] += dt
+
+        layer.forward = functools.partial(call, fwd, "forward")
+        layer.backward = functools.partial(call, bwd, "backward")
+
+
+def profile(model_name: str, sparsity: float, batch_size: int, steps: int,
+            width: float = 1.0) -> dict:
+    """Median ms per (kind, phase) and of the whole step."""
+    alpha = 1.25 if sparsity > 0 else 1.0
+    model = models.build(model_name, alpha=alpha, width=width, seed=0)
+    if sparsity > 0:
+        pruning.prune(model, sparsity, "layer")
+        activation_policy.fixed(model, sparsity, first_layer_dense=False,
+                                weights=False)
+    opt = SGD(model.params(), model.grads(), 0.01, momentum=0.9, weight_decay=5e-4)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch_size, 3, 32, 32), dtype=np.float32)
+    y = rng.integers(0, 10, batch_size)
+    timers = Timers()
+    saved = [(owner, attr, getattr(owner, attr)) for owner, attr in KERNELS]
+    try:
+        for (owner, attr), kind in KERNELS.items():
+            timers.wrap_kernel(owner, attr, kind)
+        for layer in model.named_layers().values():
+            if not layer.children():
+                timers.wrap_layer(layer, LAYER_KINDS.get(type(layer).__name__,
+                                                         type(layer).__name__))
+        per_step = collections.defaultdict(list)
+        totals = []
+        for step in range(steps + 2):
+            timers.times.clear()
+            timers.inner = [0.0]
+            t0 = time.perf_counter()
+            model.zero_grad()
+            t1 = time.perf_counter()
+            timers.phase = "forward"
+            logits = model.forward(x, train=True)
+            t2 = time.perf_counter()
+            _loss, g = softmax_cross_entropy(logits, y)
+            t3 = time.perf_counter()
+            forward_layers = timers.inner[0]
+            timers.inner = [0.0]
+            model.backward(g)
+            t4 = time.perf_counter()
+            backward_layers = timers.inner[0]
+            opt.step()
+            t5 = time.perf_counter()
+            if step < 2:  # warm-up
+                continue
+            times = dict(timers.times)
+            times[("zero_grad", "")] = t1 - t0
+            times[("loss", "")] = t3 - t2
+            times[("SGD step", "")] = t5 - t4
+            times[(BLOCKS, "forward")] = (t2 - t1) - forward_layers
+            times[(BLOCKS, "backward")] = (t4 - t3) - backward_layers
+            for key, v in times.items():
+                per_step[key].append(v)
+            totals.append(t5 - t0)
+    finally:
+        for owner, attr, fn in saved:
+            setattr(owner, attr, fn)
+    ms = {key: float(np.median(v) * 1e3) for key, v in per_step.items()}
+    return {"model": model_name, "sparsity": sparsity, "batch_size": batch_size,
+            "width": width, "steps": steps, "step_ms": float(np.median(totals) * 1e3),
+            "kinds": [{"kind": k, "phase": p, "ms": v} for (k, p), v in
+                      sorted(ms.items(), key=lambda kv: -kv[1])]}
+
+
+def format_table(result: dict, fmt: str = "text") -> str:
+    step = result["step_ms"]
+    head = (f"{result['model']} batch {result['batch_size']}, sparsity "
+            f"{result['sparsity']}: step median {step:.1f} ms over {result['steps']} "
+            "steps (medians per kind need not add up to it)")
+    rows = [(k["kind"], k["phase"], k["ms"], k["ms"] / step) for k in result["kinds"]]
+    if fmt == "markdown":
+        out = ["| kind | phase | ms | share |", "|---|---|---:|---:|"]
+        out += [f"| {k} | {p} | {v:.2f} | {s:.1%} |" for k, p, v, s in rows]
+        return "\n".join([head, "", *out])
+    return "\n".join([head, *(f"  {k:<52}{p:<9}{v:9.2f} ms {s:6.1%}"
+                              for k, p, v, s in rows)])
 
 
 def main(argv=None) -> None:
@@ -47,48 +186,13 @@ def main(argv=None) -> None:
     p.add_argument("--model", default="resnet8")
     p.add_argument("--sparsity", type=float, default=0.0)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--width", type=float, default=1.0)
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--format", default="text", choices=("text", "markdown", "json"))
     args = p.parse_args(argv)
-    alpha = 1.25 if args.sparsity > 0 else 1.0
-    model = models.build(args.model, alpha=alpha, seed=0)
-    if args.sparsity > 0:
-        pruning.prune(model, args.sparsity, "layer")
-        activation_policy.fixed(model, args.sparsity, first_layer_dense=False,
-                                weights=False)
-    opt = SGD(model.params(), model.grads(), 0.01, momentum=0.9, weight_decay=5e-4)
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((args.batch_size, 3, 32, 32), dtype=np.float32)
-    y = rng.integers(0, 10, args.batch_size)
-    times = collections.defaultdict(float)
-    for layer in model.named_layers().values():
-        if not layer.children():
-            _wrap(layer, type(layer).__name__, times)
-    per_step = collections.defaultdict(list)
-    totals = []
-    for step in range(args.steps + 2):
-        times.clear()
-        t0 = time.perf_counter()
-        model.zero_grad()
-        t = time.perf_counter()
-        _loss, g = softmax_cross_entropy(model.forward(x, train=True), y)
-        fwd_end = time.perf_counter()
-        model.backward(g)
-        t1 = time.perf_counter()
-        opt.step()
-        t2 = time.perf_counter()
-        if step < 2:  # warm-up
-            continue
-        times[("SGD", "step")] = t2 - t1
-        times[("zero_grad", "")] = t - t0
-        times[("loss", "")] = fwd_end - t - sum(v for (n, k), v in times.items()
-                                                 if k == "forward")
-        for key, v in times.items():
-            per_step[key].append(v)
-        totals.append(t2 - t0)
-    print(f"{args.model} batch {args.batch_size}, sparsity {args.sparsity}: step "
-          f"median {np.median(totals) * 1e3:.1f} ms over {args.steps} steps")
-    for key in sorted(per_step, key=lambda k: -np.median(per_step[k])):
-        print(f"  {key[0]:<16}{key[1]:<9}{np.median(per_step[key]) * 1e3:8.2f} ms")
+    result = profile(args.model, args.sparsity, args.batch_size, args.steps, args.width)
+    print(json.dumps(result) if args.format == "json" else
+          format_table(result, args.format))
 
 
 if __name__ == "__main__":
