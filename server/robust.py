@@ -52,10 +52,11 @@ def tensors_problem(tensors: Tensors, reference: Tensors) -> str:
         if arr.dtype.kind not in want:
             return (f"tensor '{name}': expected a {ref.dtype} like dtype, got "
                     f"{arr.dtype}")
-        if want == "iu" and arr.size and int(np.max(np.abs(arr.astype(np.int64)))) \
-                > MAX_INTEGER:
-            return (f"tensor '{name}': expected integers within +-{MAX_INTEGER}, got "
-                    f"{int(np.max(np.abs(arr.astype(np.int64))))}")
+        if want == "iu" and arr.size:  # compared as Python ints: no wrap-around
+            low, high = int(arr.min()), int(arr.max())
+            if low < -MAX_INTEGER or high > MAX_INTEGER:
+                return (f"tensor '{name}': expected integers within +-{MAX_INTEGER}, "
+                        f"got {low} to {high}")
     return ""
 
 

@@ -199,6 +199,8 @@ def test_tensors_problem_names_what_is_wrong():
                                               "n": g["n"]}, g)
     assert "integers within" in robust.tensors_problem(
         {"w": g["w"], "n": np.array(2**40, np.int64)}, g)
+    assert "integers within" in robust.tensors_problem(  # would wrap to -2**63
+        {"w": g["w"], "n": np.array(2**63, np.uint64)}, g)
 
 
 @pytest.mark.parametrize("name, trim", [("mean", 0.1), ("clip", 0.5), ("median", -0.1),
