@@ -8,7 +8,7 @@ topic                      writer     retained  payload
 {p}/server                 aggregator yes       JSON ``server`` status (last will: offline)
 {p}/round                  aggregator yes       JSON ``round`` announcement
 {p}/model/{i}              aggregator yes       chunk i of the global model (SFCK frame)
-{p}/update/{device}        device     no        chunks of the device's update (SFCK frame)
+{p}/update/{device}        device     never     chunks of the device's update (SFCK frame)
 {p}/status/{device}        device     yes       JSON ``status`` (last will: offline)
 {p}/ack/{device}           aggregator no        JSON ``ack`` of one update
 =========================  =========  ========  ==========================================

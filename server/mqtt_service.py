@@ -544,7 +544,12 @@ class Aggregator:
             handler(*args)
         except Exception as e:  # noqa: BLE001 - the handler boundary
             logger.debug("handler of %s failed", topic[:200], exc_info=True)
-            reason = f"internal error on this message: {type(e).__name__}: {e}"[:300]
+            what = f"{type(e).__name__}: {e}"[:270]
+            if topic == CONNECTED:  # e.g. the broker went away again
+                logger.warning("publishing the round again after a reconnect failed "
+                               "(%s); again at the next reconnect", what)
+                return
+            reason = f"internal error on this message: {what}"
             device = self.topics.device_of(topic, "update")
             if device is not None and device in self.config.devices:
                 try:

@@ -201,8 +201,8 @@ class DeviceAgent:
                            topic[:200], type(e).__name__, str(e)[:300])
 
     def _model_dropped(self, sender: str, held: int, count: int, why: str) -> None:
-        logger.warning("dropped an unfinished global model (%d of %d chunks): %s",
-                       held, count, why)
+        logger.info("dropped an unfinished global model (%d of %d chunks): %s",
+                    held, count, why)
 
     def _resume_round(self) -> None:
         """After a (re)connect: ask again for the announced model if it is still

@@ -252,6 +252,23 @@ def test_a_handler_that_raises_is_logged_and_the_upload_rejected(tmp_path, caplo
         "message: ZeroDivisionError: a programming error"]
 
 
+def test_a_failed_republish_after_a_reconnect_is_logged_not_raised(tmp_path, caplog,
+                                                                   monkeypatch):
+    from sparsefedpp.runtime.broker import CONNECTED
+    from sparsefedpp.runtime.errors import TransportError
+
+    agg = make_aggregator(tmp_path)
+
+    def gone():
+        raise TransportError("publish to sfpp/round: no PUBACK within 120 s")
+
+    monkeypatch.setattr(agg, "_republish", gone)
+    agg._handle(CONNECTED, b"", False)
+    assert warnings_of(caplog) == [
+        "publishing the round again after a reconnect failed (TransportError: "
+        "publish to sfpp/round: no PUBACK within 120 s); again at the next reconnect"]
+
+
 def test_an_undecodable_meta_that_raises_anything_is_rejected(tmp_path, monkeypatch):
     agg = make_aggregator(tmp_path)
     open_round(agg)
