@@ -269,6 +269,24 @@ def test_a_failed_republish_after_a_reconnect_is_logged_not_raised(tmp_path, cap
         "publish to sfpp/round: no PUBACK within 120 s); again at the next reconnect"]
 
 
+def test_an_update_with_deeply_nested_meta_is_rejected(tmp_path):
+    """The codec's meta JSON of "[" x 5010, CRC recomputed: a reason, no crash."""
+    import struct
+    import zlib
+
+    text = b'{"a":"' + b"x" * 5000 + b'"}'
+    data = update(meta={"a": "x" * 5000})
+    at = data.index(text)
+    body = data[:at] + b"[" * len(text) + data[at + len(text):-4]
+    forged = body + struct.pack("<I", zlib.crc32(body))
+    agg = make_aggregator(tmp_path)
+    open_round(agg)
+    send(agg, "dev1", forged)
+    (ack,) = agg._mqtt.acks("dev1")
+    assert not ack["accepted"] and ack["digest"] == protocol.digest_of(forged)
+    assert ack["reason"].startswith("undecodable update: message meta")
+
+
 def test_an_undecodable_meta_that_raises_anything_is_rejected(tmp_path, monkeypatch):
     agg = make_aggregator(tmp_path)
     open_round(agg)
