@@ -48,15 +48,41 @@ indices (strictly increasing within a row), then the row part (counts summing to
 nnz, or i32 pointers from 0 to nnz, non-decreasing), each in the entry's types.
 Fixed overhead is 43 bytes, plus S + M + J, plus 19 + N + 4*ndim per tensor, plus
 C. This encoder writes zlib at level 9 and xz as LZMA2 preset 6 with a dictionary
-of min(max(raw body, 4 KiB), 8 MiB); any conforming stream decodes.
+of min(max(raw body, 4 KiB), 8 MiB); any conforming stream within the limits
+below decodes.
 
-Decode order and limits: size <= ``max_bytes``, magic, version, CRC32, then the
-fields in order. A tensor has <= 2**31 - 1 elements and <= 8 dims; all tensors
-together (elements, plus rows of each CSR tensor) stay within ``max_elements``
-(default 2**27), checked before anything is allocated; each B must equal the size
-implied by shape, nnz and codes; compressed bodies are inflated to at most the
-declared sum + 1 byte (a zip bomb stops there), xz with a memory limit of
-min(64 MiB, max(16 MiB, 2 * declared size)).
+Decode order and limits (decoder policy; the bytes above are the format): size <=
+``max_bytes`` and, given the announced model ``like``, <= ``max_encoded_size(like)``;
+magic, version, CRC32, then the fields in order. A tensor has <= 2**31 - 1 elements
+and <= 8 dims; all tensors together (elements, plus rows of each CSR tensor) stay
+within ``max_elements`` (default 2**27); each B must equal the size implied by
+shape, nnz and codes. With ``like``, T <= len(like) (== with ``exact``) is checked
+as soon as T is read, and each entry, as soon as it is read, must name a tensor of
+``like`` with its dtype and shape: elements, index rows and the raw body are then
+bounded by the model, all before any body is touched or anything allocated.
+
+A compressed body must declare at most ``max_ratio`` (default 32) raw bytes per
+stored byte, unless its raw size is <= 1 MiB (``RATIO_FLOOR``); this is checked
+before inflating, then again while inflating: the stream goes, 64 KiB of input and
+<= 256 KiB of output at a time, into a buffer of exactly the declared size, and
+stops at the first byte past it, at the first point where the output exceeds
+max(1 MiB, max_ratio x the input fed so far), or at the first stream error. So a
+bomb costs at most max(1 MiB, max_ratio x its stored size) plus one piece, and xz
+at most declared size + 1 MiB more of dictionary (memory limit min(64 MiB,
+declared + 1 MiB): this encoder sizes the dictionary to the data).
+
+Measured raw/stored ratios of real encodings (tools/bench_codec_limits.py ratios:
+cnn, resnet8, resnet18 at sparsity 0, 0.9, 0.99, 0.999; fresh, with trained-like
+BatchNorm, and after 3 SGD steps; every preset). Uncompressed presets: 1. zlib/xz
+presets: 1.08-1.17 at sparsity 0, at most 1.85 at 0.9 and 0.99; the worst are
+fresh nets at 0.999, whose BatchNorm (weight 1, bias 0, mean 0, var 1) is nearly
+free: ResNet-8 11.2 (a 6 KB body, under the floor), ResNet-18 3.1. Over the floor
+the worst is 1.85 (ResNet-18, 0.9, csr-f16-lzma; 1.98 while inflating, where the
+running ratio runs at most 0.14 above the final one). The default 32 is ~3x the
+worst preset overall and ~16x the worst body over the floor. Encodings that are
+not presets go far higher: a pruned net laid out dense, then compressed, reaches
+9.6 at 0.9 and 776 at 0.999 (ResNet-18, dense + xz); decode those with a larger
+``max_ratio``.
 
 Encoding presets (``ENCODINGS``): "dense"; "csr32" (int32 indices and pointers);
 "csr" (narrow: u8/u16/u32 column indices by column count, row counts in the
@@ -74,6 +100,7 @@ import lzma
 import math
 import struct
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -89,6 +116,13 @@ DEFAULT_MAX_ELEMENTS = 2**27  # decoded budget: 512 MiB of float32 (ResNet-18: 1
 MAX_META_BYTES = 1 << 20
 MAX_METHOD_BYTES = 64
 LZMA_MEMLIMIT = 64 << 20  # a forged xz header may ask for a huge dictionary
+LZMA_OVERHEAD = 1 << 20  # xz decoder memory beyond its dictionary, with room
+DEFAULT_MAX_RATIO = 32.0  # raw / stored body; measured in the module docstring
+RATIO_FLOOR = 1 << 20  # raw bodies up to this size are never refused for ratio
+INFLATE_PIECE = 256 << 10  # output per decompress call
+INFLATE_INPUT_PIECE = 64 << 10  # input per feed
+_FIXED_BYTES = 43  # header + tail + CRC of a message without strings and tensors
+_ENTRY_BYTES = 19  # a tensor entry without its name and shape
 
 KINDS = ("model", "update")
 _F32, _F16, _I64 = np.dtype("<f4"), np.dtype("<f2"), np.dtype("<i8")
@@ -376,8 +410,74 @@ class _Reader:
             raise CodecError(f"{what}: expected utf-8, got {err}") from err
 
 
+Spec = dict[str, tuple[np.dtype, tuple[int, ...]]]
+
+
+def model_spec(tensors: Mapping) -> Spec:
+    """``{name: (dtype, shape)}`` of a state dict, the ``like`` of ``decode``.
+
+    Values may be arrays (anything with ``dtype`` and ``shape``) or ``(dtype,
+    shape)`` pairs, so a spec is its own spec. Raises ConfigError for a dtype or
+    shape the format cannot carry.
+    """
+    if not isinstance(tensors, Mapping):
+        raise ConfigError(f"like: expected a mapping name -> array or (dtype, shape), "
+                          f"got {type(tensors).__name__}")
+    spec = {}
+    for name, value in tensors.items():
+        try:
+            dtype, shape = (value.dtype, value.shape) if hasattr(value, "dtype") \
+                else value
+            dtype, shape = np.dtype(dtype), tuple(int(s) for s in shape)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"like {name!r}: expected an array or (dtype, shape), "
+                              f"got {value!r:.80}") from err
+        if not isinstance(name, str) or not 0 < len(name.encode("utf-8")) <= 255 \
+                or dtype not in (_F32, _I64) or len(shape) > MAX_NDIM \
+                or any(not 0 <= s < 2**32 for s in shape) \
+                or math.prod(shape) > MAX_TENSOR_ELEMENTS:
+            raise ConfigError(f"like {name!r}: expected a 1..255-byte name, float32 or "
+                              f"int64 and <= {MAX_NDIM} dims, got {dtype} {shape}")
+        spec[name] = (dtype, shape)
+    return spec
+
+
+def max_encoded_size(like: Mapping, encoding: Encoding | str | None = None) -> int:
+    """Upper bound of ``len(encode(msg, encoding))`` for any message whose tensors
+    match ``like`` (any sender, method and meta the format allows).
+
+    ``encoding=None`` bounds every ``Encoding`` (a forced-CSR int32 body of a full
+    tensor is twice its dense body); ``decode(..., like=like)`` refuses anything
+    longer. A preset gives the tighter bound the aggregator's chunk reassembly can
+    use: ``"auto"`` layouts are never larger than dense, and a compressed body
+    never larger than the raw one (the encoder stores it raw otherwise).
+    """
+    spec = model_spec(like)
+    enc = None if encoding is None else _resolve(encoding)
+    total = _FIXED_BYTES + 255 + MAX_METHOD_BYTES + MAX_META_BYTES
+    for name, (dtype, shape) in spec.items():
+        total += _ENTRY_BYTES + len(name.encode("utf-8")) + 4 * len(shape)
+        size = math.prod(shape)
+        if dtype == _I64:
+            total += 8 * size
+            continue
+        value = 2 if enc is not None and enc.values == "f16" else 4
+        body = size * (4 if enc is None else value)
+        if len(shape) >= 2 and (enc is None or enc.sparse == "csr"):
+            rows, cols = shape[0], math.prod(shape[1:])
+            if enc is None or enc.index == "int32":
+                csr = size * (value + 4) + 4 * (rows + 1)
+            else:
+                csr = size * (value + _INDEX[_narrowest(max(cols - 1, 0))].itemsize) \
+                    + rows * _INDEX[_narrowest(cols)].itemsize
+            body = max(body, csr)
+        total += body
+    return total
+
+
 def decode(data: bytes | bytearray | memoryview, *, max_bytes: int | None = None,
-           max_elements: int = DEFAULT_MAX_ELEMENTS) -> Message:
+           max_elements: int = DEFAULT_MAX_ELEMENTS, like: Mapping | None = None,
+           exact: bool = False, max_ratio: float = DEFAULT_MAX_RATIO) -> Message:
     """Parse and validate one message; the inverse of ``encode``.
 
     Parameters
@@ -389,6 +489,17 @@ def decode(data: bytes | bytearray | memoryview, *, max_bytes: int | None = None
     max_elements : int
         Budget for all decoded tensors together (elements, plus the row count of
         each CSR tensor); a forged shape over it is refused before allocating.
+    like : mapping, optional
+        The announced model (name -> array or (dtype, shape), see ``model_spec``).
+        Each tensor entry must then name a tensor of it with the same dtype and
+        shape, checked as the entry is read, before any body is touched; at most
+        ``len(like)`` tensors; the input at most ``max_encoded_size(like)`` bytes.
+    exact : bool
+        With ``like``: require exactly its names (an update or a global model).
+    max_ratio : float
+        A compressed body may declare at most this many raw bytes per stored byte
+        (bodies up to ``RATIO_FLOOR`` raw bytes excepted), checked before and while
+        inflating.
 
     Returns
     -------
@@ -401,6 +512,14 @@ def decode(data: bytes | bytearray | memoryview, *, max_bytes: int | None = None
     if max_bytes is not None and len(buf) > max_bytes:
         raise CodecError(f"message size: expected <= {max_bytes} bytes, got "
                          f"{len(buf)}; raise max_bytes or chunk the payload")
+    spec = None if like is None else model_spec(like)
+    if spec is not None and len(buf) > (limit := max_encoded_size(spec)):
+        raise CodecError(f"message size: expected <= {limit} bytes for the announced "
+                         f"model ({len(spec)} tensors), got {len(buf)}")
+    if exact and like is None:
+        raise ConfigError("decode exact=True: expected a model to match, got like=None")
+    if not max_ratio >= 1:
+        raise ConfigError(f"decode max_ratio: expected a number >= 1, got {max_ratio!r}")
     if len(buf) < _PREFIX.size + 4 or bytes(buf[:4]) != MAGIC:
         raise CodecError(f"message magic: expected {MAGIC!r} and >= "
                          f"{_PREFIX.size + 4} bytes, got {bytes(buf[:4])!r} and "
@@ -416,23 +535,59 @@ def decode(data: bytes | bytearray | memoryview, *, max_bytes: int | None = None
                          f"{got:#010x}; the message was corrupted or truncated")
     reader = _Reader(buf[:-4])
     kind, rnd, num_examples, sender, method, meta = _decode_header(reader)
+    entries = _decode_table(reader, max_elements, spec, exact)
+    body = _decode_body(reader, sum(e.nbytes for e in entries), max_ratio)
+    tensors, offset = {}, 0
+    for entry in entries:
+        tensors[entry.name] = _decode_tensor(entry, body[offset:offset + entry.nbytes])
+        offset += entry.nbytes
+    return Message(kind, rnd, sender, method, tensors, num_examples, meta)
+
+
+def _body_sizes(data: bytes) -> tuple[int, int, int]:
+    """(compression code, declared raw body, stored body) without inflating; for
+    the measurements of tools/bench_codec_limits.py and the tests."""
+    reader = _Reader(memoryview(data).cast("B")[:-4])
+    _decode_header(reader)
+    raw = sum(e.nbytes for e in _decode_table(reader, MAX_TENSOR_ELEMENTS, None, False))
+    code, stored = reader.unpack(_TAIL, "compression header")
+    return code, raw, stored
+
+
+def _decode_table(reader: _Reader, max_elements: int, spec: Spec | None,
+                  exact: bool) -> list[_Entry]:
+    """The tensor entries, each checked against the budget and ``spec`` as read."""
     (count,) = reader.unpack(_U32, "tensor count")
-    entries, budget = [], 0
+    if spec is not None and (count > len(spec) or exact and count != len(spec)):
+        raise CodecError(f"tensor count: expected {'' if exact else '<= '}"
+                         f"{len(spec)} (the announced model), got {count}")
+    entries, seen, budget = [], set(), 0
     for i in range(count):
         entry = _decode_entry(reader, i)
+        if entry.name in seen:
+            raise CodecError(f"tensor {entry.name!r}: expected unique names, got it "
+                             f"twice")
+        seen.add(entry.name)
+        if spec is not None:
+            _check_like(entry, spec)
         budget += math.prod(entry.shape) + (entry.shape[0] if entry.is_csr else 0)
         if budget > max_elements:
             raise CodecError(f"tensor {entry.name!r}: expected <= {max_elements} "
                              f"decoded elements in total, got {budget} so far; "
                              f"raise max_elements if this model is real")
         entries.append(entry)
-    _check_unique(entries)
-    body = _decode_body(reader, sum(e.nbytes for e in entries))
-    tensors, offset = {}, 0
-    for entry in entries:
-        tensors[entry.name] = _decode_tensor(entry, body[offset:offset + entry.nbytes])
-        offset += entry.nbytes
-    return Message(kind, rnd, sender, method, tensors, num_examples, meta)
+    return entries
+
+
+def _check_like(entry: _Entry, spec: Spec) -> None:
+    if entry.name not in spec:
+        known = ", ".join(repr(n) for n in list(spec)[:3])
+        raise CodecError(f"tensor {entry.name!r}: expected a tensor of the announced "
+                         f"model ({known}, ...), got an unknown name")
+    dtype, shape = spec[entry.name]
+    if (entry.dtype, entry.shape) != (dtype, shape):
+        raise CodecError(f"tensor {entry.name!r}: expected {dtype} {shape} as in the "
+                         f"announced model, got {entry.dtype} {entry.shape}")
 
 
 def _decode_header(reader: _Reader) -> tuple:
@@ -507,16 +662,7 @@ def _decode_entry(reader: _Reader, i: int) -> _Entry:
     return _Entry(name, dtype, shape, layout == 1, icode, rcode, vtype, nnz, nbytes)
 
 
-def _check_unique(entries: list) -> None:
-    seen = set()
-    for entry in entries:
-        if entry.name in seen:
-            raise CodecError(f"tensor {entry.name!r}: expected unique names, got it "
-                             f"twice")
-        seen.add(entry.name)
-
-
-def _decode_body(reader: _Reader, raw_size: int) -> memoryview:
+def _decode_body(reader: _Reader, raw_size: int, max_ratio: float) -> memoryview:
     code, stored = reader.unpack(_TAIL, "compression header")
     body = reader.take(stored, "message body")
     if reader.pos != len(reader.buf):
@@ -530,22 +676,65 @@ def _decode_body(reader: _Reader, raw_size: int) -> memoryview:
         return body
     if code not in (1, 2):
         raise CodecError(f"message compression: expected 0|1|2, got {code}")
+    if raw_size > max(RATIO_FLOOR, max_ratio * stored):
+        raise CodecError(f"message body: expected <= {max_ratio:g} raw bytes per "
+                         f"stored byte, got {raw_size} declared from {stored} "
+                         f"({raw_size / max(stored, 1):.0f}x); a compression bomb, "
+                         f"or raise max_ratio")
+    return memoryview(_inflate(body, code, raw_size, max_ratio))
+
+
+def _inflate(body: memoryview, code: int, raw_size: int, max_ratio: float) -> bytearray:
+    """Inflate ``body`` into a buffer of exactly ``raw_size`` bytes, one piece at a
+    time (<= INFLATE_PIECE out per call, INFLATE_INPUT_PIECE in per feed), stopping
+    at the first byte past ``raw_size``, the first running ratio over ``max_ratio``
+    or the first stream error; never holds more than raw_size + one piece."""
+    stream = ("zlib", "xz")[code - 1]
+    out = bytearray(raw_size)
+    view = memoryview(out)
     try:
         if code == 1:
             dec = zlib.decompressobj()
         else:
-            # small bodies need small dictionaries: 16 MiB admits xz's default 8 MiB
-            limit = min(LZMA_MEMLIMIT, max(2 * raw_size, 16 << 20))
+            # a dictionary larger than the data is never needed (this encoder sizes
+            # it to the data); a forged header asking for more is refused up front
+            limit = min(LZMA_MEMLIMIT, raw_size + LZMA_OVERHEAD)
             dec = lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=limit)
-        # at most raw_size + 1 bytes come out: a zip bomb stops here
-        raw = dec.decompress(body, raw_size + 1)
+        pos = fed = 0
+        stalled = False
+        while not dec.eof:
+            if code == 1 and dec.unconsumed_tail:
+                piece = dec.unconsumed_tail
+            elif (code == 1 or dec.needs_input) and fed < len(body):
+                piece = body[fed:fed + INFLATE_INPUT_PIECE]
+                fed += len(piece)
+            else:  # no input left (or xz holds some): drain what the decoder has
+                piece = b""
+            got = dec.decompress(piece, min(INFLATE_PIECE, raw_size - pos + 1))
+            if pos + len(got) > raw_size:
+                raise CodecError(f"message body: expected a {stream} stream of "
+                                 f"{raw_size} bytes (the tensor table), got more")
+            view[pos:pos + len(got)] = got
+            pos += len(got)
+            if pos > max(RATIO_FLOOR, max_ratio * fed):
+                raise CodecError(f"message body: expected <= {max_ratio:g} inflated "
+                                 f"bytes per stored byte, got {pos} from the first "
+                                 f"{fed}; a compression bomb, or raise max_ratio")
+            if got or piece:
+                stalled = False
+            elif stalled or fed == len(body):
+                break  # no input left and nothing more comes out: truncated
+            else:
+                stalled = True
     except (zlib.error, lzma.LZMAError) as err:
-        raise CodecError(f"message body: expected a valid {('zlib', 'xz')[code - 1]} "
-                         f"stream, got {err}") from err
-    if len(raw) != raw_size or not dec.eof or dec.unused_data:
-        raise CodecError(f"message body: expected a complete stream of {raw_size} "
-                         f"bytes, got {len(raw)}{'+' if not dec.eof else ''} bytes")
-    return memoryview(raw)
+        raise CodecError(f"message body: expected a valid {stream} stream, got "
+                         f"{err}") from err
+    if pos != raw_size or not dec.eof or dec.unused_data or fed != len(body):
+        raise CodecError(f"message body: expected a complete {stream} stream of "
+                         f"{raw_size} bytes filling the {len(body)} stored, got "
+                         f"{pos} bytes from {fed - len(dec.unused_data)}"
+                         f"{'' if dec.eof else ' (unfinished)'}")
+    return out
 
 
 def _decode_tensor(entry: _Entry, body: memoryview) -> np.ndarray:
