@@ -263,7 +263,13 @@ class Aggregator:
         self.online: dict[str, bool] = {}
         self.declared: dict[str, int] = {}  # examples each device declared online
         self._offline_since: dict[str, float] = {}
-        self._reassembler = protocol.Reassembler(max_total=config.max_update_bytes,
+        # an update holds at most what the announced model holds: decoding is
+        # bounded by it (names, dtypes, shapes, compressed-to-raw ratio), and so
+        # is what the reassembler keeps of one upload
+        self._spec = codec.model_spec(self.tensors)
+        self._max_upload = min(config.max_update_bytes,
+                               codec.max_encoded_size(self._spec))
+        self._reassembler = protocol.Reassembler(max_total=self._max_upload,
                                                  on_drop=self._transfer_dropped)
         # digest -> (round, device) of the updates counted in the last rounds
         self._counted: dict[str, tuple[int, str]] = {}
@@ -639,7 +645,8 @@ class Aggregator:
             self._ack(device, counted[0], True, ALREADY_COUNTED, digest)
             return
         try:
-            msg = codec.decode(payload, max_bytes=self.config.max_update_bytes)
+            msg = codec.decode(payload, max_bytes=self._max_upload, like=self._spec,
+                               exact=True)
         except CodecError as e:
             self._reject(device, None, f"undecodable update: {e}", digest)
             return

@@ -278,11 +278,13 @@ class DeviceAgent:
         rnd, cfg = ann["round"], ann["config"]
         self._status("training", rnd)
         try:
-            msg = codec.decode(model_bytes, max_bytes=self.config.max_model_bytes)
+            net = self._network(cfg["model"])
+            # the global model holds exactly the announced network's tensors
+            msg = codec.decode(model_bytes, max_bytes=self.config.max_model_bytes,
+                               like=net.state_dict(), exact=True)
             if msg.kind != "model" or msg.round != rnd:
                 raise protocol.ProtocolError(f"global model: expected round {rnd}, got "
                                              f"kind {msg.kind} round {msg.round}")
-            net = self._network(cfg["model"])
             net.load_state_dict(msg.tensors)
             data = self.data
             if "mean" in cfg and "std" in cfg:  # the federation's normalisation

@@ -283,14 +283,18 @@ CASES: list[tuple[str, Builder, str]] = [
     # a well-formed message that is not an acceptable update
     ("wrong tensor shape", lambda c: encode_update(c, change(
         c, two_d, lambda v: np.zeros((v.shape[0] + 1,) + v.shape[1:], np.float32))),
-     r"tensor '.+': expected float32 \(.*\), got float32"),
+     r"undecodable update: tensor '.+': expected float32 \(.*\) as in the announced "
+     r"model, got float32 \("),
     ("wrong tensor dtype", lambda c: encode_update(c, change(
         c, one_d, lambda v: np.zeros(v.shape, np.int64))), r"got int64"),
     ("missing tensor", lambda c: encode_update(c, without(c)),
-     r"tensor names differ .*missing \['.+'\]"),
+     r"undecodable update: tensor count: expected \d+ \(the announced model\)"),
     ("extra tensor", lambda c: encode_update(
         c, {**c.tensors, "evil.weight": np.ones(3, np.float32)}),
-     r"extra \['evil.weight'\]"),
+     r"undecodable update: tensor count: expected \d+ \(the announced model\)"),
+    ("a tensor the model does not have", lambda c: encode_update(c, {
+        **without(c), "evil.weight": np.ones(3, np.float32)}),
+     r"tensor 'evil.weight': expected a tensor of the announced model .*unknown name"),
     ("round + 5", lambda c: encode_update(c, rnd=c.rnd + 5),
      r"round 6 is not open yet \(now round 1\)"),
     ("sender is another device", lambda c: encode_update(c, sender="0"),
@@ -332,8 +336,8 @@ def test_every_hostile_payload_is_what_its_name_says():
                 continue
             if payload is None:
                 continue
-            try:
-                msg = codec.decode(payload)
+            try:  # as the aggregator decodes: bounded by the announced model
+                msg = codec.decode(payload, like=ctx.tensors, exact=True)
             except CodecError as e:
                 reasons.append(f"undecodable update: {e}")
                 continue
