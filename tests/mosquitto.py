@@ -20,14 +20,20 @@ A test may override more (``require_certificate``, ``message_size_limit``,
 from __future__ import annotations
 
 import os
+import queue
 import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.properties import Properties
 
 from sparsefedpp.tools.mosquitto_conf import (  # noqa: F401 - re-exported for tests
     HOST,
@@ -54,8 +60,6 @@ TEST_OVERRIDES = frozenset(
 
 def require_mosquitto() -> None:
     """Skip the calling test without mosquitto; under ``CI=true`` fail instead."""
-    import pytest
-
     if find_binary("mosquitto") and find_binary("mosquitto_passwd"):
         return
     message = "mosquitto not found; apt-get install mosquitto"
@@ -129,8 +133,10 @@ class Mosquitto:
     with ``users`` written to a password file and the ACL copied from
     ``deploy/mosquitto/sfpp.acl``. Without ``auth`` the broker is anonymous, for
     tests that do not care about security, but keeps every other shipped setting
-    (persistence, limits). ``overrides`` are further ``render_config`` settings.
-    ``certs`` reuses a ``make_certs`` result (0.1-0.3 s saved per broker).
+    (persistence, limits) except ``use_username_as_clientid`` (off: an anonymous
+    client has no username to take its id from). ``overrides`` are further
+    ``render_config`` settings. ``certs`` reuses a ``make_certs`` result (0.1-0.3 s
+    saved per broker).
     """
 
     def __init__(
@@ -164,7 +170,10 @@ class Mosquitto:
         if auth:
             settings.update(self._write_auth_files(users or {}))
         else:
-            settings.update(allow_anonymous=True, password_file=None, acl_file=None)
+            # No username, so the client id cannot be the username: keep the ids
+            # the clients send (with the shipped option they would be refused).
+            settings.update(allow_anonymous=True, password_file=None, acl_file=None,
+                            use_username_as_clientid=False)
         if tls:
             settings.update(cafile=self.certs.ca_cert, certfile=self.certs.server_cert,
                             keyfile=self.certs.server_key,
@@ -281,3 +290,138 @@ class Mosquitto:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+# --- Raw paho clients for broker tests ---------------------------------------------
+
+TIMEOUT = 5.0  # for anything expected to happen
+V311, V5 = mqtt.MQTTv311, mqtt.MQTTv5
+
+
+class Probe:
+    """A paho client whose callbacks only record; tests wait on what was recorded."""
+
+    def __init__(self, client_id: str, protocol: int = V5) -> None:
+        # A probe never reconnects: each test says which connections it makes.
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                                  protocol=protocol, reconnect_on_failure=False)
+        self.settled = threading.Event()  # CONNACK received or connection closed
+        self.closed = threading.Event()
+        self.reason_code: mqtt.ReasonCode | None = None  # of the CONNACK
+        self.disconnect_reason: mqtt.ReasonCode | None = None
+        self.session_present: bool | None = None
+        self.connack_properties: Properties | None = None
+        self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
+        self.acks: dict[int, mqtt.ReasonCode] = {}
+        self._acked = threading.Condition()
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = lambda client, userdata, msg: self.messages.put(msg)
+        self.client.on_publish = self._on_ack
+        self.client.on_subscribe = self._on_ack
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties):
+        self.reason_code = reason_code
+        self.session_present = flags.session_present
+        self.connack_properties = properties
+        self.settled.set()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties):
+        self.disconnect_reason = reason_code
+        with self._acked:  # wakes ``answers``
+            self.closed.set()
+        self.settled.set()
+
+    def _on_ack(self, client, userdata, mid, reason_code, properties=None):
+        with self._acked:  # SUBACK brings a list of codes, PUBACK one code
+            self.acks[mid] = reason_code
+            self._acked.notify_all()
+
+    def _wait_ack(self, mid: int):
+        with self._acked:
+            assert self._acked.wait_for(lambda: mid in self.acks, TIMEOUT), "no ack"
+            return self.acks.pop(mid)
+
+    def subscribe(self, topic: str) -> list[mqtt.ReasonCode]:
+        """Subscribe at QoS 1; the SUBACK's reason codes."""
+        with self._acked:  # hold the lock so the ack cannot land before we wait
+            _, mid = self.client.subscribe(topic, qos=1)
+        return self._wait_ack(mid)
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False):
+        """Publish at QoS 1; the PUBACK's reason code."""
+        with self._acked:
+            info = self.client.publish(topic, payload, qos=1, retain=retain)
+        return self._wait_ack(info.mid)
+
+    def answers(self, topic: str) -> bool:
+        """Is this connection still up? A QoS 1 publish on ``topic`` (one the user
+        may write): True on its PUBACK, False when the connection closes first.
+        A broker that kicks a client closes its socket before it answers anything
+        else, so a PUBACK proves the client was not kicked before this call."""
+        with self._acked:
+            info = self.client.publish(topic, b"ping", qos=1)
+            self._acked.wait_for(
+                lambda: info.mid in self.acks or self.closed.is_set(), TIMEOUT)
+            return self.acks.pop(info.mid, None) is not None
+
+    def received(self, count: int, *, timeout: float = TIMEOUT) -> dict[str, bytes]:
+        """Topic -> payload of the first ``count`` messages, plus any already queued
+        behind them (so an unexpected extra shows up), waiting ``timeout`` s at most.
+        Tests send at most one message per topic, so the dict loses nothing.
+
+        Mosquitto delivers one publisher's messages in order, so publishing the
+        forbidden messages before an allowed one and waiting for the allowed one
+        is enough to know that the forbidden ones were not delivered.
+        """
+        got, deadline = {}, time.monotonic() + timeout
+        while len(got) < count and (left := deadline - time.monotonic()) > 0:
+            try:
+                msg = self.messages.get(timeout=left)
+            except queue.Empty:
+                break
+            got[msg.topic] = msg.payload
+        while not self.messages.empty():
+            msg = self.messages.get()
+            got[msg.topic] = msg.payload
+        return got
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def connect(broker: Mosquitto, client_id: str, *, user: str | None = None,
+            password: str | None = None, protocol: int = V5, tls: dict | None = None,
+            **connect_kwargs) -> Probe:
+    """Connect a Probe and wait for the CONNACK or a close.
+
+    ``password`` defaults to the user's password in TEST_USERS.
+    ``tls`` holds ``tls_set`` arguments and selects the TLS listener. Errors raised
+    by ``connect()`` itself (a failed TLS handshake) propagate. A connection closed
+    without CONNACK leaves ``probe.reason_code`` None.
+    """
+    probe = Probe(client_id, protocol)
+    if user is not None:
+        probe.client.username_pw_set(user, password or TEST_USERS[user])
+    if tls is not None:
+        probe.client.tls_set(**tls)
+    port = broker.port if tls is None else broker.tls_port
+    probe.client.connect(broker.host, port, keepalive=10, **connect_kwargs)
+    probe.client.loop_start()
+    assert probe.settled.wait(TIMEOUT), "neither CONNACK nor close"
+    return probe
+
+
+@pytest.fixture
+def clients():
+    """Connect Probes through ``clients(broker, id, ...)``; all closed at teardown."""
+    probes = []
+
+    def open_probe(*args, **kwargs) -> Probe:
+        probes.append(connect(*args, **kwargs))
+        return probes[-1]
+
+    yield open_probe
+    for probe in probes:
+        probe.close()

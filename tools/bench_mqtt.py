@@ -304,8 +304,8 @@ class Sampler:
 class Broker:
     """A Mosquitto on a free localhost port, configured from the shipped
     ``deploy/mosquitto/mosquitto.conf`` (its limits, queues and session settings)
-    with the TLS listener, the logins and persistence off, and $SYS every second
-    for the monitor."""
+    with the TLS listener, the logins (and so the client id = username rule) and
+    persistence off, and $SYS every second for the monitor."""
 
     def __init__(self, folder: Path, binary: str):
         self.folder = folder
@@ -318,7 +318,8 @@ class Broker:
             append += "user root\n"
         self.config_path.write_text(render_config(
             SHIPPED_CONF.read_text(), listeners={TLS_PORT: None, PLAIN_PORT: self.port},
-            allow_anonymous=True, password_file=None, acl_file=None, persistence=False,
+            allow_anonymous=True, password_file=None, acl_file=None,
+            use_username_as_clientid=False, persistence=False,
             persistence_location=None, append=append))
         self.binary = binary
         self.proc: subprocess.Popen | None = None

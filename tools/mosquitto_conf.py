@@ -27,7 +27,8 @@ _LISTENER_KEYS = frozenset(
      "ciphers_tls1.3", "dhparamfile", "require_certificate", "tls_version",
      "tls_engine", "tls_keyform", "use_identity_as_username",
      "use_subject_as_username", "psk_hint", "protocol", "mount_point",
-     "bind_interface", "max_connections", "socket_domain", "http_dir"}
+     "bind_interface", "max_connections", "socket_domain", "http_dir",
+     "use_username_as_clientid"}
 )
 
 
@@ -68,8 +69,10 @@ def render_config(
         listener together with its TLS options. Unnamed listeners stay as shipped.
     append : lines added at the end (settings the shipped file lacks, e.g. ``user``).
     **settings : key -> new value for keys of the shipped file (bool -> true/false,
-        None removes the line). A key missing from the shipped file is an error, so a
-        typo cannot silently leave the shipped value in force.
+        None removes the line), on every line of that key (listener options such as
+        ``use_username_as_clientid`` appear once per listener). A key missing from
+        the shipped file is an error, so a typo cannot silently leave the shipped
+        value in force.
     """
     listeners = dict(listeners or {})
     missing = set(settings)

@@ -204,17 +204,35 @@ def test_a_device_cannot_write_or_read_another_devices_topics(secure_mosquitto):
     finally:
         for c in (agg, dev1, dev2):
             c.close()
-    assert "Denied PUBLISH from test-dev1" in b.log_path.read_text(errors="replace")
+    # The broker names the session after the username (use_username_as_clientid),
+    # not after the client id "test-dev1" that the client sent.
+    assert "Denied PUBLISH from dev1 " in b.log_path.read_text(errors="replace")
 
 
 # ------------------------------------------------------------------ TLS
+@pytest.fixture
+def broker_with_dev3(tmp_path, mosquitto_certs):
+    """The shipped config with a third device user, dev3, outside the federation.
+
+    The forger needs credentials of its own: the broker allows one connection per
+    user (the client id is the username), so a forger holding dev1's would only
+    take turns with dev1's agent, each connect kicking the other off.
+    """
+    from mosquitto import TEST_USERS, Mosquitto, require_mosquitto
+
+    require_mosquitto()
+    with Mosquitto(tmp_path / "mosquitto", auth=True, tls=True, certs=mosquitto_certs,
+                   users={**TEST_USERS, "dev3": "pw3"}) as broker:
+        yield broker
+
+
 def test_tls_federation_completes_and_a_forged_update_never_arrives(
-        secure_mosquitto, shards, tmp_path):
-    b = secure_mosquitto
+        broker_with_dev3, shards, tmp_path):
+    b = broker_with_dev3
     fed = Federation(tmp_path, b.tls_url, extra_args=("--ca", str(b.certs.ca_cert)))
     config = write_config(tmp_path / "fed.toml", ["dev1", "dev2"], rounds=1,
                           per_round=2, min_clients=2)
-    forger = Raw(b, "dev1", "pw1", "forger-dev1", tls=True)
+    forger = Raw(b, "dev3", "pw3", "forger-dev3", tls=True)
     try:
         forger.subscribe("sfpp/round")
         fed.device("dev1", shards[0], "--password-file",
@@ -248,7 +266,7 @@ def test_tls_federation_completes_and_a_forged_update_never_arrives(
     assert len(accepted) == 1 and int(accepted[0]) != FORGED_EXAMPLES
     assert f"{FORGED_EXAMPLES} examples" not in log
     assert "duplicate" not in log and "rejected an update" not in log
-    assert "Denied PUBLISH from forger-dev1" in b.log_path.read_text(errors="replace")
+    assert "Denied PUBLISH from dev3 " in b.log_path.read_text(errors="replace")
 
 
 def test_tls_wrong_ca_and_missing_ca_fail_clearly(secure_mosquitto, shards, tmp_path):
