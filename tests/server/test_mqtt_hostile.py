@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import queue
 import re
-import socket
 import sys
 import threading
 import time
@@ -24,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sparsefedpp.runtime import codec, protocol
-from sparsefedpp.runtime.codec import Message
+from sparsefedpp.runtime import codec, models, protocol
 from sparsefedpp.runtime.broker import BrokerSettings
+from sparsefedpp.runtime.codec import Message
 from sparsefedpp.server import mqtt_service
 from sparsefedpp.server.mqtt_service import (
     ALREADY_COUNTED,
@@ -624,8 +623,6 @@ def _hostile_run(fed, evil, b, config, agg_pw, shards, tmp_path) -> None:
     # ---- before serve starts: what stopped it at every start
     evil.publish("sfpp/status/dev2", DEEP, retain=True)
     method = "sparsefedpp"
-    from sparsefedpp.runtime import models
-
     net = models.build("cnn", num_classes=10, seed=1)
     stale = codec.encode(Message("update", 0, "dev2", method, net.state_dict(), 10),
                          "csr")
