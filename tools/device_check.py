@@ -12,7 +12,12 @@ import os
 import threading
 from pathlib import Path
 
-from sparsefedpp.runtime.broker import BrokerSettings, make_client, probe
+from sparsefedpp.runtime.broker import (
+    SESSION_EXPIRY,
+    BrokerSettings,
+    make_client,
+    probe,
+)
 from sparsefedpp.runtime.errors import SparseFedError
 
 
@@ -61,8 +66,15 @@ def check_kernels() -> tuple[bool | None, str]:
 
 def check_login(settings: BrokerSettings, device_id: str,
                 timeout: float) -> tuple[bool, str]:
-    """Log in once under a throwaway client id (the agent's durable session is
-    left alone) and report the broker's answer."""
+    """Log in once and report the broker's answer, leaving the agent's durable
+    session as it was.
+
+    The shipped broker config names every session after its username, so this
+    login resumes the agent's own session whatever client id it sends (and
+    kicks a running agent off for a moment; it reconnects). Hence: clean_start
+    False and the agent's session expiry, so that the session is neither wiped
+    nor expired, and no acks, so that queued messages stay queued for the agent.
+    """
     done = threading.Event()
     answer: list = []
 
@@ -70,10 +82,17 @@ def check_login(settings: BrokerSettings, device_id: str,
         answer.append(reason_code)
         done.set()
 
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
     client = make_client(settings, f"sfpp-check-{device_id}", reconnect=False)
     client.on_connect = on_connect
+    client.manual_ack_set(True)  # never PUBACK: the broker redelivers to the agent
+    properties = Properties(PacketTypes.CONNECT)
+    properties.SessionExpiryInterval = SESSION_EXPIRY
     try:
-        client.connect(settings.host, settings.port, keepalive=10)
+        client.connect(settings.host, settings.port, keepalive=10, clean_start=False,
+                       properties=properties)
     except OSError as e:
         return False, f"cannot connect: {e}"
     client.loop_start()

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import pytest
 from fedproc import make_shards, require_cifar
+from mosquitto import clients  # noqa: F401 - a fixture
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from sparsefedpp.tools import cli
 
 pytestmark = pytest.mark.mqtt
@@ -37,6 +40,28 @@ def test_everything_right_passes(secure_mosquitto, shard, tmp_path, capsys):
     assert "FAIL" not in out
     assert "ok   login: logged in as dev1" in out
     assert "TLS certificate verified" in out
+
+
+def test_the_login_leaves_the_agents_session_and_queue_alone(
+        secure_mosquitto, clients, shard, tmp_path, capsys):
+    # The shipped broker names the check's session "dev1", as the agent's: the
+    # check resumes it, and must neither wipe it nor take its queued messages.
+    b = secure_mosquitto
+    durable = Properties(PacketTypes.CONNECT)
+    durable.SessionExpiryInterval = 3600
+    agent = clients(b, "dev1", user="dev1", clean_start=False, properties=durable)
+    agent.subscribe("sfpp/ack/dev1")
+    agent.close()
+    clients(b, "aggregator", user="aggregator").publish("sfpp/ack/dev1", b"queued ack")
+
+    code, out = _check(capsys, tmp_path, "--broker", b.url,
+                       "--password-file", _pw(tmp_path, "pw1"), "--data", str(shard))
+
+    assert code == 0 and "ok   login: logged in as dev1" in out, out
+    agent = clients(b, "dev1", user="dev1", clean_start=False, properties=durable)
+    agent.subscribe("sfpp/ack/dev1")  # queued messages arrive before the SUBACK
+    assert agent.session_present
+    assert agent.received(0, timeout=0) == {"sfpp/ack/dev1": b"queued ack"}
 
 
 def test_wrong_password_fails_the_login(secure_mosquitto, shard, tmp_path, capsys):
