@@ -26,7 +26,8 @@ from .metrics import MetricsWriter
 from .progress import say
 from .simulate import SimConfig, config_dict, device_round_config, server_side
 
-SIMULATION_ONLY = ("clients", "lda_alpha", "val_share", "train_limit", "workers")
+SIMULATION_ONLY = ("clients", "lda_alpha", "val_share", "train_limit", "workers",
+                   "attack", "attackers", "attack_scale")
 NOT_IN_FINGERPRINT = ("rounds", "eval_every", "test_limit", "eval_sparsities", "data")
 
 
@@ -112,10 +113,12 @@ def build_aggregator(sim: SimConfig, service: ServiceConfig, broker, emit=None):
     model, strategy, evaluate_tensors = server_side(sim, test)
     fingerprint = {k: v for k, v in config_dict(sim).items()
                    if k not in NOT_IN_FINGERPRINT and k not in SIMULATION_ONLY}
-    return Aggregator(service, strategy, model.state_dict(), broker=broker,
-                      round_config=lambda rnd: device_round_config(sim, rnd, test),
-                      seed=sim.seed, fingerprint=fingerprint,
-                      evaluate_fn=evaluate_tensors, emit=emit)
+    agg = Aggregator(service, strategy, model.state_dict(), broker=broker,
+                     round_config=lambda rnd: device_round_config(sim, rnd, test),
+                     seed=sim.seed, fingerprint=fingerprint,
+                     evaluate_fn=evaluate_tensors, emit=emit)
+    strategy.set_global(agg.tensors)  # a resumed federation screens against its model
+    return agg
 
 
 def run(args) -> int:

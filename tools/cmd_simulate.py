@@ -16,12 +16,13 @@ from pathlib import Path
 from sparsefedpp.runtime import checkpoint, models
 from sparsefedpp.runtime.codec import ENCODINGS
 from sparsefedpp.runtime.errors import ConfigError
+from sparsefedpp.server.robust import AGGREGATORS
 from sparsefedpp.trainer.client import METHODS
 
 from .cmd_train import add_common
 from .metrics import MetricsWriter
 from .progress import say
-from .simulate import SimConfig, Simulation, config_dict
+from .simulate import ATTACKS, SimConfig, Simulation, config_dict
 
 FLAGS = {  # SimConfig field -> (flag, type, help)
     "method": ("--method", str, f"one of {', '.join(METHODS)}"),
@@ -51,6 +52,19 @@ FLAGS = {  # SimConfig field -> (flag, type, help)
     "train_limit": ("--limit", int, "use the first N training examples only"),
     "test_limit": ("--test-limit", int, "evaluate on the first N test examples only"),
     "workers": ("--workers", int, "client processes per round (default 1)"),
+    "aggregator": ("--aggregator", str, f"one of {', '.join(AGGREGATORS)}"),
+    "trim": ("--trim", float, "trimmed-mean: share of updates cut at each end"),
+    "screen_median": ("--screen-median", float, ("reject an update whose change "
+                                                 "exceeds this x the round's median "
+                                                 "change; 0 off")),
+    "screen_global": ("--screen-global", float, ("reject an update whose change "
+                                                 "exceeds this x the global model's "
+                                                 "norm; 0 off")),
+    "max_examples": ("--max-examples", int, "largest num_examples an update may claim"),
+    "attack": ("--attack", str, f"poison the attackers' uploads: {', '.join(ATTACKS)}"),
+    "attackers": ("--attackers", int, "clients 0 .. N-1 are attackers"),
+    "attack_scale": ("--attack-scale", float, ("the attack's factor (default: scale "
+                                               "1e3, signflip 1, big 1e30)")),
 }
 
 
@@ -69,6 +83,9 @@ def add_parser(sub) -> None:
                        help=f"{text} (default {getattr(defaults, name)})")
     p.add_argument("--iid", action="store_true", help="IID split instead of Dirichlet")
     p.add_argument("--augment", action="store_true", help="random crop + flip locally")
+    p.add_argument("--no-screening", action="store_true",
+                   help="no norm bound on the updates (--screen-median 0 "
+                   "--screen-global 0): plain FedAvg, for comparison")
     p.add_argument("--eval-sparsities", type=float, nargs="*", default=None,
                    help="one-shot pruning levels evaluated after the last round "
                    "(default 0.9 0.95 0.99 0.995 0.999)")
@@ -100,6 +117,8 @@ def make_config(args) -> SimConfig:
         values["lda_alpha"] = None
     if args.augment:
         values["augment"] = True
+    if args.no_screening:
+        values.update(screen_median=0.0, screen_global=0.0)
     if args.eval_sparsities is not None:
         values["eval_sparsities"] = tuple(args.eval_sparsities)
     values["seed"] = args.seed

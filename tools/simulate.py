@@ -11,6 +11,13 @@ updates, runs FedAvg weighted by sample counts, prunes the result to the method'
 sparsity (sparse methods) and evaluates it. The learning rate decays
 exponentially over the run: lr_r = lr0 * (lr_end / lr0) ** (r / (R - 1)).
 
+Poisoned federations, for measuring robust aggregation: ``attackers`` = K makes
+clients 0 .. K-1 send a poisoned model instead of their trained one
+(``poison``): ``scale`` sends ``global + s * delta`` (s = 1e3 unless
+``attack_scale``), ``signflip`` ``global - s * delta`` (s = 1), ``big`` the model
+times s (1e30). It is an experiment knob of the simulation only (``serve`` has
+none), recorded in the start event's config.
+
 With ``workers > 1`` the clients of a round train in spawned processes (one Numba
 thread each), which receive the encoded global model and return encoded updates;
 spawn rather than fork because Numba's thread pool does not survive a fork.
@@ -18,6 +25,7 @@ spawn rather than fork because Numba's thread pool does not survive a fork.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -27,6 +35,7 @@ import numpy as np
 from sparsefedpp.runtime import codec, models, pruning
 from sparsefedpp.runtime.errors import ConfigError
 from sparsefedpp.runtime.protocol import client_seed
+from sparsefedpp.server import fedavg, robust
 from sparsefedpp.server.fedavg import FedAvg
 from sparsefedpp.server.strategy import ClientResult
 from sparsefedpp.trainer import partition
@@ -40,6 +49,7 @@ from sparsefedpp.trainer.data import Dataset, load_dataset
 from sparsefedpp.trainer.local import evaluate
 
 EVAL_SPARSITIES = (0.9, 0.95, 0.99, 0.995, 0.999)
+ATTACKS = {"none": None, "scale": 1e3, "signflip": 1.0, "big": 1e30}  # default s
 
 
 @dataclass(frozen=True)
@@ -73,6 +83,14 @@ class SimConfig:
     train_limit: int | None = None
     test_limit: int | None = None
     workers: int = 1
+    aggregator: str = "fedavg"          # or clip, trimmed-mean, median
+    trim: float = 0.1                   # trimmed-mean: share cut at each end
+    screen_median: float = fedavg.SCREEN_MEDIAN  # 0: that bound off
+    screen_global: float = fedavg.SCREEN_GLOBAL
+    max_examples: int = fedavg.MAX_EXAMPLES
+    attack: str = "none"                # simulation only: scale, signflip, big
+    attackers: int = 0
+    attack_scale: float | None = None   # None: the attack's default
     seed: int = 0
 
     def __post_init__(self):
@@ -82,7 +100,8 @@ class SimConfig:
         checks = (("clients", self.clients, 1), ("per_round", self.per_round, 1),
                   ("rounds", self.rounds, 1), ("epochs", self.epochs, 1),
                   ("batch_size", self.batch_size, 1), ("eval_every", self.eval_every, 1),
-                  ("workers", self.workers, 1), ("min_clients", self.min_clients, 1))
+                  ("workers", self.workers, 1), ("min_clients", self.min_clients, 1),
+                  ("max_examples", self.max_examples, 1))
         for name, value, low in checks:
             if int(value) != value or value < low:
                 raise ConfigError(f"simulate {name}: expected an integer >= {low}, got "
@@ -93,6 +112,21 @@ class SimConfig:
         if self.encoding not in codec.ENCODINGS:
             raise ConfigError(f"simulate encoding: expected one of "
                               f"{', '.join(codec.ENCODINGS)}, got {self.encoding!r}")
+        robust.check_aggregator(self.aggregator, self.trim)
+        if self.attack not in ATTACKS:
+            raise ConfigError(f"simulate attack: expected one of {', '.join(ATTACKS)}, "
+                              f"got {self.attack!r}")
+        if (isinstance(self.attackers, bool) or int(self.attackers) != self.attackers
+                or not 0 <= self.attackers <= self.clients):
+            raise ConfigError(f"simulate attackers: expected an integer in 0 .. "
+                              f"clients={self.clients}, got {self.attackers!r}")
+        if (self.attackers > 0) != (self.attack != "none"):
+            raise ConfigError(f"simulate attack: expected attackers > 0 with an attack "
+                              f"and 0 without, got attack {self.attack!r} and "
+                              f"{self.attackers} attackers")
+        if self.attack_scale is not None and not 0 < self.attack_scale < math.inf:
+            raise ConfigError(f"simulate attack_scale: expected a finite number > 0, "
+                              f"got {self.attack_scale!r}")
 
     @property
     def method_config(self) -> MethodConfig:
@@ -106,6 +140,13 @@ class SimConfig:
     @property
     def model_alpha(self) -> float:
         return default_alpha(self.method) if self.alpha is None else self.alpha
+
+    @property
+    def attack_factor(self) -> float | None:
+        """The attackers' s (see the module docstring), None without attack."""
+        if self.attack == "none":
+            return None
+        return ATTACKS[self.attack] if self.attack_scale is None else self.attack_scale
 
     def lr_at(self, rnd: int) -> float:
         """Exponential decay from lr to lr_end over the run (rounds 0 .. R-1)."""
@@ -128,6 +169,7 @@ class RoundRecord:
     nonzeros: dict[str, int]
     eval: dict = field(default_factory=dict)
     failures: list = field(default_factory=list)
+    screening: dict = field(default_factory=dict)
 
 
 # ---- the client side, in this process or in a worker process ------------------
@@ -159,10 +201,31 @@ def client_task(client: int, rnd: int, lr: float, model_bytes: bytes) -> bytes:
     data = _WORKER["train"].subset(_WORKER["parts"][client])
     update = local_round(model, data, config.method_config, config.local_config, lr=lr,
                          seed=client_seed(config.seed, rnd, str(client)))
+    tensors = update.tensors
+    if client < config.attackers:
+        tensors = poison(tensors, msg.tensors, config.attack, config.attack_factor)
     reply = codec.Message(kind="update", round=rnd, sender=f"client-{client}",
-                          method=config.method, tensors=update.tensors,
+                          method=config.method, tensors=tensors,
                           num_examples=update.num_examples, meta=update.metrics)
     return codec.encode(reply, config.encoding)
+
+
+def poison(tensors: dict[str, np.ndarray], global_tensors: dict[str, np.ndarray],
+           attack: str, s: float) -> dict[str, np.ndarray]:
+    """An attacker's upload from its trained ``tensors``: ``scale`` global + s*delta,
+    ``signflip`` global - s*delta, ``big`` s*model (float tensors, float32;
+    integer buffers are sent as trained)."""
+    out = {}
+    for name, t in tensors.items():
+        if t.dtype.kind != "f":
+            out[name] = t
+            continue
+        g = global_tensors[name].astype(np.float64)
+        x = t.astype(np.float64)
+        value = {"scale": lambda: g + s * (x - g), "signflip": lambda: g - s * (x - g),
+                 "big": lambda: s * x}[attack]()
+        out[name] = value.astype(np.float32)
+    return out
 
 
 # ---- the simulation ---------------------------------------------------------------
@@ -240,7 +303,8 @@ class Simulation:
             train_accuracy=float(fit.get("accuracy", float("nan"))),
             global_sparsity=pruning.global_sparsity(self.eval_model),
             nonzeros=pruning.nonzeros(self.eval_model),
-            failures=self.strategy.last_round.get("failures", failures))
+            failures=self.strategy.last_round.get("failures", failures),
+            screening=self.strategy.last_round.get("screening", {}))
         if rnd + 1 == c.rounds:  # dense, and after one-shot pruning at each level
             record.eval = self.strategy.evaluate(rnd, self.global_tensors) or {}
         elif (rnd + 1) % c.eval_every == 0:
@@ -268,6 +332,7 @@ def client_parts(train: Dataset, clients: int, lda_alpha: float | None, *,
 
 def server_side(c: SimConfig, test: Dataset):
     """The aggregator's model (initial global weights, seeded), its FedAvg strategy
+    (screening, aggregator; its global model starts as the model's weights)
     and ``evaluate_fn(tensors)`` (test loss and accuracy of a global model, on
     that model), as the simulation and ``sparsefedpp serve`` both build them."""
     model = models.build(c.model, num_classes=len(test.classes), width=c.width,
@@ -282,7 +347,10 @@ def server_side(c: SimConfig, test: Dataset):
     strategy = FedAvg(per_round=c.per_round, min_clients=c.min_clients, seed=c.seed,
                       prune_to=prune_to or None, prune_scope=c.method_config.prune_scope,
                       prune_model=model, evaluate_fn=evaluate_fn,
-                      eval_sparsities=tuple(c.eval_sparsities))
+                      eval_sparsities=tuple(c.eval_sparsities),
+                      initial=model.state_dict(), aggregator=c.aggregator, trim=c.trim,
+                      screen_median=c.screen_median, screen_global=c.screen_global,
+                      max_examples=c.max_examples)
     return model, strategy, evaluate_fn
 
 

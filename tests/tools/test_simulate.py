@@ -88,3 +88,90 @@ def test_report_makes_a_table(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "| topk | 0.9 |" in table and "| fedavg | 0 |" in table
     assert cli.main(["report", str(tmp_path / "nothing")]) == 12
+
+
+# ------------------------------------------------- screening and poisoned federations
+def test_default_screening_keeps_every_update_of_a_clean_federation(tmp_path):
+    events, rounds, _ = _simulate(tmp_path, "clean", "--method", "sparsefedpp",
+                                  "--sparsity", "0.7")
+
+    assert events[0]["config"]["screen_median"] > 0  # on by default
+    for r in rounds:
+        assert r["failures"] == [], r["failures"]
+        s = r["screening"]
+        assert sorted(s["norms"]) == sorted(r["clients"]) and s["rejected"] == 0
+        # measured here: at most 1.5 x the median, 0.6 x the global norm
+        assert max(s["ratios"].values()) < 3
+        assert s["bound"] > max(s["norms"].values())
+
+
+def test_an_attacker_is_screened_out_and_the_robust_federation_learns(tmp_path):
+    events, rounds, out = _simulate(tmp_path, "scale", "--method", "fedavg",
+                                    "--attack", "scale", "--attackers", "2",
+                                    "--aggregator", "trimmed-mean")
+
+    config = events[0]["config"]
+    assert (config["attack"], config["attackers"]) == ("scale", 2)
+    assert config["aggregator"] == "trimmed-mean"
+    poisoned = 0
+    for r in rounds:
+        rejected = {c for c, _ in r["failures"]}
+        attackers = {c for c in r["clients"] if c in ("0", "1")}
+        assert rejected == attackers, r["failures"]
+        poisoned += len(attackers)
+        assert all("exceeds the bound" in why for _, why in r["failures"])
+    assert poisoned > 0  # the attackers were sampled at least once
+    assert events[-1]["final"]["accuracy"] > 0.25
+    model, _ = checkpoint.load(out / "model.npz")
+    assert all(np.isfinite(v).all() for v in model.state_dict().values()
+               if v.dtype.kind == "f")
+
+
+def test_clipping_bounds_a_sign_flipper_that_passes_screening(tmp_path):
+    # clients 0-2 attack; seed 0 samples client 2 in rounds 1 and 2
+    events, rounds, _ = _simulate(tmp_path, "flip", "--method", "fedavg", "--attack",
+                                  "signflip", "--attackers", "3", "--attack-scale", "2",
+                                  "--aggregator", "clip", "--rounds", "2")
+
+    assert all(r["failures"] == [] for r in rounds)  # 2 x is under the bound
+    flipped = [r["screening"]["ratios"][c] for r in rounds for c in r["clients"]
+               if c in ("0", "1", "2")]
+    assert len(flipped) >= 2 and max(flipped) > 1  # larger than the median: clipped
+    assert events[-1]["final"]["accuracy"] > 0.2
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--attack", "scale"], "attackers > 0"),
+    (["--attackers", "2"], "attackers > 0"),
+    (["--attack", "noise", "--attackers", "1"], "attack"),
+    (["--attack", "scale", "--attackers", "99"], "attackers"),
+    (["--attack", "scale", "--attackers", "1", "--attack-scale", "inf"], "attack_scale"),
+    (["--aggregator", "krum"], "aggregator"),
+    (["--aggregator", "trimmed-mean", "--trim", "0.5"], "trim"),
+    (["--max-examples", "0"], "max_examples"),
+])
+def test_bad_robustness_settings_give_one_line_errors(tmp_path, capsys, flags, match):
+    assert cli.main(["simulate", *COMMON, *flags, "--out", str(tmp_path)]) == 12
+    assert match in capsys.readouterr().err
+
+
+def test_bad_screening_ratio_is_a_config_error(tmp_path, capsys):
+    assert cli.main(["simulate", *COMMON, "--screen-median", "0.5",
+                     "--out", str(tmp_path)]) == 12
+    assert "screen_median" in capsys.readouterr().err
+
+
+def test_serve_takes_the_aggregator_but_not_the_attack(tmp_path):
+    from sparsefedpp.runtime.errors import ConfigError
+    from sparsefedpp.tools.cmd_serve import load_config
+
+    dep = "[deployment]\ndevices = ['a']\nstate_dir = 's'\n"
+    path = tmp_path / "fed.toml"
+    path.write_text("[federation]\nper_round = 1\naggregator = 'median'\n"
+                    "screen_median = 5.0\nmax_examples = 5000\n" + dep)
+    sim, _ = load_config(str(path))
+    assert (sim.aggregator, sim.screen_median, sim.max_examples) == ("median", 5.0, 5000)
+    path.write_text("[federation]\nper_round = 1\nattack = 'scale'\nattackers = 1\n"
+                    + dep)
+    with pytest.raises(ConfigError, match="unknown keys \\['attack', 'attackers'\\]"):
+        load_config(str(path))
