@@ -435,6 +435,54 @@ def test_no_message_stops_the_agent(tmp_path, caplog, monkeypatch):
                         "KeyError: 'a programming error'")
 
 
+def test_the_agents_client_id_is_its_device_id(tmp_path, monkeypatch):
+    from sparsefedpp.trainer import mqtt_client
+
+    class Built(Exception):
+        pass
+
+    def capture(settings, client_id, subscriptions, log, **kwargs):
+        raise Built(client_id)
+
+    monkeypatch.setattr(mqtt_client, "QueuedClient", capture)
+    with pytest.raises(Built, match="^dev1$"):
+        make_agent(tmp_path).run()
+
+
+# ------------------------------------------------------------------ QueuedClient
+@pytest.mark.mqtt
+def test_watched_topics_see_the_retain_flag_live_and_not_their_own_clear(mosquitto):
+    """The aggregator's subscription options (MQTT 5 retain-as-published and
+    no-local) on a real Mosquitto: a live retained publish arrives flagged, the
+    owner's own clearing publish does not come back to it."""
+    import paho.mqtt.client as mqtt
+    from sparsefedpp.runtime.broker import CONNECTED, QueuedClient
+
+    settings = BrokerSettings(mosquitto.host, mosquitto.port)
+    owner = QueuedClient(settings, "owner", ["t/watched/+", "t/plain/+"],
+                         logging.getLogger("test"), watched=("t/watched/+",))
+    other = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="other",
+                        protocol=mqtt.MQTTv5)
+    other.connect(mosquitto.host, mosquitto.port)
+    other.loop_start()
+    try:
+        owner.start(30)
+        assert owner.events.get(timeout=30) == (CONNECTED, b"", False)
+        for topic in ("t/watched/a", "t/plain/a"):
+            other.publish(topic, b"kept", qos=1, retain=True).wait_for_publish(30)
+        got = [owner.events.get(timeout=30) for _ in range(2)]
+        assert sorted(got) == [("t/plain/a", b"kept", False),  # the default: live
+                               ("t/watched/a", b"kept", True)]  # as published
+        owner.publish_confirmed("t/watched/a", b"", retain=True)  # the clear
+        owner.publish_confirmed("t/plain/a", b"mine")
+        assert owner.events.get(timeout=30) == ("t/plain/a", b"mine", False)
+        assert owner.events.empty()  # the clear on the watched topic never came back
+    finally:
+        owner.stop()
+        other.disconnect()
+        other.loop_stop()
+
+
 # ------------------------------------------------------------------ the live run
 class Attacker:
     """A raw paho MQTT 5 client holding one device's password (the broker forces
