@@ -75,3 +75,20 @@ def secure_mosquitto(tmp_path, mosquitto_certs):
     with Mosquitto(tmp_path / "mosquitto", auth=True, tls=True, users=TEST_USERS,
                    certs=mosquitto_certs) as broker:
         yield broker
+
+
+@pytest.fixture
+def clients():
+    """Connect raw paho Probes (``tests/mosquitto.py``) through ``clients(broker,
+    client_id, user=..., ...)``; all are closed at teardown."""
+    from mosquitto import connect
+
+    probes = []
+
+    def open_probe(*args, **kwargs):
+        probes.append(connect(*args, **kwargs))
+        return probes[-1]
+
+    yield open_probe
+    for probe in probes:
+        probe.close()

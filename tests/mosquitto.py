@@ -411,17 +411,3 @@ def connect(broker: Mosquitto, client_id: str, *, user: str | None = None,
     probe.client.loop_start()
     assert probe.settled.wait(TIMEOUT), "neither CONNACK nor close"
     return probe
-
-
-@pytest.fixture
-def clients():
-    """Connect Probes through ``clients(broker, id, ...)``; all closed at teardown."""
-    probes = []
-
-    def open_probe(*args, **kwargs) -> Probe:
-        probes.append(connect(*args, **kwargs))
-        return probes[-1]
-
-    yield open_probe
-    for probe in probes:
-        probe.close()

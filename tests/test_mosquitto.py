@@ -19,7 +19,7 @@ from collections import Counter
 import mosquitto as mosquitto_helpers
 import paho.mqtt.client as mqtt
 import pytest
-from mosquitto import (  # noqa: F401 - clients is a fixture
+from mosquitto import (
     SHIPPED_CONF,
     TEST_OVERRIDES,
     TEST_USERS,
@@ -28,8 +28,6 @@ from mosquitto import (  # noqa: F401 - clients is a fixture
     V311,
     Mosquitto,
     Probe,
-    clients,
-    connect,
     parse_config,
     render_config,
     require_mosquitto,

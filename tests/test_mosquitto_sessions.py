@@ -19,11 +19,10 @@ import re
 from dataclasses import dataclass, field
 
 import pytest
-from mosquitto import (  # noqa: F401 - clients is a fixture
+from mosquitto import (
     TEST_USERS,
     Mosquitto,
     Probe,
-    clients,
     require_mosquitto,
 )
 from paho.mqtt.packettypes import PacketTypes

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 from fedproc import make_shards, require_cifar
-from mosquitto import clients  # noqa: F401 - a fixture
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from sparsefedpp.tools import cli
