@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-KERNEL_MODULES = ("conv", "csr", "activation", "norm", "pool")
+KERNEL_MODULES = ("conv", "csr", "activation", "norm", "pool", "sddmm")
 
 
 @dataclass(frozen=True)

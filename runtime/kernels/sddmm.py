@@ -1,0 +1,214 @@
+"""Weight gradients at a fixed sparse pattern only (sampled dense-dense products).
+
+With Powerprop (alpha > 1) a weight that is exactly zero gets exactly zero
+gradient, so during local training a layer needs dL/dw only at its nonzeros.
+These kernels compute it there, for a pattern given as CSR arrays (SciPy names,
+``indptr`` i8, ``indices`` i4; a conv weight (O, C, kh, kw) is the O x (C*kh*kw)
+matrix with column ``c*kh*kw + i*kw + j``, as kernels/csr.py):
+
+    gw[e] = sum over n, oh, ow of g[n, o, oh, ow] * x[n, c, oh*s - p + i, ow*s - p + j]
+
+for every entry e = (o, c, i, j), over the valid taps only.
+
+* ``conv_grad_pattern_dense``: from a dense input x (N, C, H, W); parallel over
+  output channels (rows of the pattern), each entry one reduction over
+  N x (valid rows) x (valid columns): nnz * N * OH * OW multiply-adds at most.
+* ``conv_grad_pattern_kept``: from the kept (SWAT-compressed) input, flat C-order
+  int32 indices + values; each kept element x[n, c, y, w] meets only the entries
+  of input channel c (the pattern regrouped by c once, ``by_channel``), so the
+  work is kept * (entries per channel): the product of the two densities times
+  the dense work. The kept list is split into one slice per thread, each with its
+  own partial gradient (nnz floats): no atomics.
+* ``pattern_values``: w = v|v|^(alpha-1) and dw/dv = alpha |v|^(alpha-1) at the
+  pattern's flat positions, O(nnz), bit for bit what powerprop.effective_weight
+  gives (two square roots for alpha 1.25).
+
+Every kernel returns the multiply-adds it executed (what cost.macs_grad_weight
+records). Contract: arrays C-contiguous, float32 values.
+"""
+
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+
+from ..errors import ShapeError
+from .config import JIT, JIT_PARALLEL_FASTMATH
+
+
+@nb.njit("void(f4[::1], i8[::1], i8, f4, f4, f4[::1], f4[::1])", **JIT)
+def _pattern_values(v, flat, mode, p, alpha, data, dw_dv):  # pragma: no cover - compiled
+    # mode 1: p = 0.25 (two square roots, as powerprop.abs_pow), 2: p = 0.5, 3: general
+    for e in range(flat.size):
+        x = v[flat[e]]
+        a = abs(x)
+        if mode == 1:
+            m = np.sqrt(np.sqrt(a))
+        elif mode == 2:
+            m = np.sqrt(a)
+        else:
+            m = a ** p
+        data[e] = x * m
+        dw_dv[e] = m * alpha
+
+
+def pattern_values(v: np.ndarray, flat: np.ndarray, alpha: float):
+    """(w, dw/dv) (nnz,) f4 each at the flat positions ``flat`` (nnz,) i8 of v.
+
+    v: a C-contiguous float32 weight of any shape; alpha > 1 (alpha = 1 needs no
+    pattern: dw/dv = 1 and w = v). Wraps ``_pattern_values``.
+    """
+    p = float(alpha) - 1.0
+    if p <= 0.0:
+        raise ShapeError(f"pattern_values: expected alpha > 1, got {alpha}")
+    mode = 1 if p == 0.25 else 2 if p == 0.5 else 3
+    data = np.empty(flat.size, dtype=np.float32)
+    dw_dv = np.empty(flat.size, dtype=np.float32)
+    _pattern_values(v.reshape(-1), flat, mode, np.float32(p), np.float32(alpha),
+                    data, dw_dv)
+    return data, dw_dv
+
+
+@nb.njit(inline="always")
+def _valid_range(k, s, pad, size, n_out):  # pragma: no cover - compiled
+    # output positions a in [a0, a1) with 0 <= a*s - pad + k < size
+    a0 = max(0, -((k - pad) // s))
+    a1 = min(n_out, (size - 1 + pad - k) // s + 1)
+    return a0, max(a0, a1)
+
+
+@nb.njit("i8(f4[:, :, :, ::1], f4[:, :, :, ::1], i8[::1], i4[::1], i8, i8, i8, i8,"
+         " f4[::1])", **JIT_PARALLEL_FASTMATH)
+def _conv_grad_dense(x, g, indptr, indices, kh, kw, s, pad,
+                     out):  # pragma: no cover - compiled
+    n_img, _, h, w = x.shape
+    n_out, oh_n, ow_n = g.shape[1], g.shape[2], g.shape[3]
+    macs = np.zeros(n_out, dtype=np.int64)
+    for o in nb.prange(n_out):
+        count = 0
+        for e in range(indptr[o], indptr[o + 1]):
+            col = np.int64(indices[e])
+            c = col // (kh * kw)
+            i = (col // kw) % kh
+            j = col % kw
+            a0, a1 = _valid_range(i, s, pad, h, oh_n)
+            b0, b1 = _valid_range(j, s, pad, w, ow_n)
+            acc = np.float32(0.0)
+            for n in range(n_img):
+                for a in range(a0, a1):
+                    g_row = g[n, o, a]
+                    x_row = x[n, c, a * s - pad + i]
+                    if s == 1:
+                        d = j - pad
+                        for b in range(b0, b1):
+                            acc += g_row[b] * x_row[b + d]
+                    else:
+                        for b in range(b0, b1):
+                            acc += g_row[b] * x_row[b * s - pad + j]
+            out[e] = acc
+            count += n_img * (a1 - a0) * (b1 - b0)
+        macs[o] = count
+    return macs.sum()
+
+
+def conv_grad_pattern_dense(x: np.ndarray, grad_out: np.ndarray, indptr: np.ndarray,
+                            indices: np.ndarray, kshape: tuple, stride: int,
+                            pad: int):
+    """dL/dw (nnz,) f4 at the pattern from the dense input, and the MACs executed.
+
+    x: (N, C, H, W) f4; grad_out: (N, O, OH, OW) f4; indptr (O+1,) i8, indices
+    (nnz,) i4: the pattern; kshape (O, C, kh, kw). Wraps ``_conv_grad_dense``.
+    """
+    o, c, kh, kw = kshape
+    n, _, h, w = x.shape
+    oh = (h + 2 * pad - kh) // stride + 1
+    ow = (w + 2 * pad - kw) // stride + 1
+    if x.shape[1] != c or grad_out.shape != (n, o, oh, ow):
+        raise ShapeError(f"conv_grad_pattern_dense: expected x (N, {c}, H, W) and "
+                         f"grad_out {(n, o, oh, ow)}, got {x.shape} and "
+                         f"{grad_out.shape}")
+    out = np.empty(indices.size, dtype=np.float32)
+    macs = _conv_grad_dense(np.require(x, np.float32, ["C", "W"]),
+                            np.require(grad_out, np.float32, ["C", "W"]), indptr,
+                            indices, kh, kw, stride, pad, out)
+    return out, int(macs)
+
+
+def by_channel(indptr: np.ndarray, indices: np.ndarray, kshape: tuple):
+    """The pattern regrouped by input channel: (cptr (C+1,), rows, taps, entries)
+    i8 each, entries of channel c at [cptr[c], cptr[c+1]) with their output channel,
+    tap i*kw + j and index into the CSR arrays (what ``conv_grad_pattern_kept``
+    takes; built once per pattern)."""
+    o, c, kh, kw = kshape
+    col = indices.astype(np.int64)
+    rows = np.repeat(np.arange(o, dtype=np.int64), np.diff(indptr))
+    chan = col // (kh * kw)
+    order = np.argsort(chan, kind="stable")
+    cptr = np.zeros(c + 1, dtype=np.int64)
+    np.cumsum(np.bincount(chan, minlength=c), out=cptr[1:])
+    return (cptr, np.ascontiguousarray(rows[order]),
+            np.ascontiguousarray(col[order] % (kh * kw)), order.astype(np.int64))
+
+
+@nb.njit("i8(i4[::1], f4[::1], i8, i8, i8, f4[:, :, :, ::1], i8[::1], i8[::1],"
+         " i8[::1], i8[::1], i8, i8, i8, f4[:, ::1])", **JIT_PARALLEL_FASTMATH)
+def _conv_grad_kept(indices, values, n_ch, h, w, g, cptr, rows, taps, entries, kw, s,
+                    pad, part):  # pragma: no cover - compiled
+    n_kept = indices.size
+    n_part = part.shape[0]
+    oh_n, ow_n = g.shape[2], g.shape[3]
+    macs = np.zeros(n_part, dtype=np.int64)
+    for p in nb.prange(n_part):
+        acc = part[p]
+        acc[:] = 0.0
+        count = 0
+        for e in range(p * n_kept // n_part, (p + 1) * n_kept // n_part):
+            f = np.int64(indices[e])
+            v = values[e]
+            xx = f % w
+            r = f // w
+            y = r % h
+            c = (r // h) % n_ch
+            n = r // (h * n_ch)
+            for t in range(cptr[c], cptr[c + 1]):
+                ij = taps[t]
+                yy = y + pad - ij // kw
+                xw = xx + pad - ij % kw
+                if yy < 0 or xw < 0:
+                    continue
+                if s != 1:
+                    if yy % s != 0 or xw % s != 0:
+                        continue
+                    yy //= s
+                    xw //= s
+                if yy >= oh_n or xw >= ow_n:
+                    continue
+                acc[entries[t]] += v * g[n, rows[t], yy, xw]
+                count += 1
+        macs[p] = count
+    return macs.sum()
+
+
+def conv_grad_pattern_kept(indices: np.ndarray, values: np.ndarray, x_shape: tuple,
+                           grad_out: np.ndarray, grouped: tuple, kshape: tuple,
+                           stride: int, pad: int):
+    """dL/dw (nnz,) f4 at the pattern from the kept input elements, and the MACs.
+
+    indices (K,) i4 / values (K,) f4: the kept elements of x (``x_shape`` (N, C, H,
+    W)) in flat C order; grad_out (N, O, OH, OW) f4; ``grouped``: ``by_channel`` of
+    the pattern; kshape (O, C, kh, kw). Wraps ``_conv_grad_kept``.
+    """
+    n, c, h, w = x_shape
+    o, _, kh, kw = kshape
+    oh = (h + 2 * pad - kh) // stride + 1
+    ow = (w + 2 * pad - kw) // stride + 1
+    if grad_out.shape != (n, o, oh, ow):
+        raise ShapeError(f"conv_grad_pattern_kept: expected grad_out of shape "
+                         f"{(n, o, oh, ow)}, got {grad_out.shape}")
+    cptr, rows, taps, entries = grouped
+    n_part = max(1, min(nb.get_num_threads(), indices.size // 2048))
+    part = np.empty((n_part, entries.size), dtype=np.float32)
+    macs = _conv_grad_kept(indices, values, c, h, w,
+                           np.require(grad_out, np.float32, ["C", "W"]), cptr, rows,
+                           taps, entries, kw, stride, pad, part)
+    return (part[0] if n_part == 1 else part.sum(axis=0)), int(macs)
