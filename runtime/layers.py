@@ -14,12 +14,13 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import powerprop
+from . import powerprop, static_pattern
 from .accounting import LayerCost, nbytes_of
 from .arrays import Where, as_f32, check_ndim
 from .errors import ConfigError, ShapeError, StateError
 from .kernels import activation, conv, csr
 from .sparse_activation import ActivationSparsifier, SparseActivations
+from .static_pattern import DENSE, ZERO, StaticPattern
 
 
 class Layer:
@@ -118,6 +119,14 @@ class _Weighted(Layer):
       grad_input use only this top fraction of |w|; the weight gradient stays dense.
     * ``kernel``: "auto" runs the CSR kernels when the weight density is below the
       measured crossover (kernels/csr.py, ``prefer_csr``), "dense"/"csr" force one.
+
+    Static pattern (runtime/static_pattern.py): with alpha > 1, no ``weight_keep``
+    and ``kernel`` "csr" (or "auto" below static_pattern.MAX_DENSITY), the first
+    training forward keeps the CSR structure of v's nonzeros; later ones gather
+    only the values, backward computes the weight gradient only there
+    (kernels/sddmm.py) and the optimizer updates only there. Dropped by
+    ``invalidate_pattern()``, which ``unfreeze()`` (so load_state_dict) calls, and
+    whenever the weight array, kernel, alpha or weight_keep change.
     """
 
     _kind = ""
@@ -141,6 +150,9 @@ class _Weighted(Layer):
         self._frozen_macs: tuple = (None, 0)  # (input shape, MACs) while frozen
         self._frozen_plans: dict = {}  # input shape -> CSR forward plan while frozen
         self._fused_relu = False  # frozen with the ReLU after it applied here
+        self._pattern: StaticPattern | None = None
+        self._pattern_v = None  # the weight array the pattern was built from
+        self._grad_support = ZERO  # where grad_weight may be nonzero (static_pattern)
 
     def freeze(self, scale: np.ndarray | None = None,
                shift: np.ndarray | None = None, relu: bool = False) -> None:
@@ -152,7 +164,7 @@ class _Weighted(Layer):
         this; a training forward raises until ``unfreeze()``.
         """
         self.unfreeze()
-        w, _, m = self._forward_weight(False)
+        w, _, m, _ = self._forward_weight(False)
         bias = None if self.bias is None else self.bias.astype(np.float64)
         if scale is not None:
             scale = np.asarray(scale, dtype=np.float64)
@@ -166,8 +178,93 @@ class _Weighted(Layer):
         self._fused_relu = bool(relu)
 
     def unfreeze(self) -> None:
+        """Back to training; also drops the static pattern (load_state_dict and
+        ``runtime.inference`` call this whenever v may have changed)."""
         self._frozen, self._frozen_macs, self._frozen_plans = None, (None, 0), {}
         self._fused_relu = False
+        self.invalidate_pattern()
+
+    # ---- static pattern (runtime/static_pattern.py) -----------------------------
+
+    def invalidate_pattern(self) -> None:
+        """Forget the static pattern: the next training forward rebuilds it from v.
+        Call it after writing nonzeros into ``weight`` in place (zeros need not:
+        a pattern that is a superset of the nonzeros stays exact)."""
+        self._pattern = None
+        self._pattern_v = None
+
+    @property
+    def static_pattern(self) -> StaticPattern | None:
+        """The pattern in use, if it is still valid for the current settings."""
+        pat = self._pattern
+        if pat is None:
+            return None
+        if (self._pattern_v is not self.weight or self.kernel != pat.kernel
+                or self.alpha != pat.alpha or self.weight_keep is not None):
+            self.invalidate_pattern()
+            return None
+        return pat
+
+    def pattern_for_step(self) -> StaticPattern | None:
+        """The pattern an optimizer may update alone (a valid one, with grad_weight
+        zero outside it), else None."""
+        pat = self.static_pattern
+        if pat is None or not (self._grad_support is ZERO or self._grad_support is pat):
+            return None
+        return pat
+
+    def _may_use_pattern(self) -> bool:
+        v = self.weight
+        return (self.alpha != 1.0 and self.weight_keep is None
+                and self.kernel in ("auto", "csr") and v.dtype == np.float32
+                and v.flags.c_contiguous and self.grad_weight.flags.c_contiguous
+                and self.grad_weight.shape == v.shape)
+
+    def _pattern_forward(self):
+        """((w, dw_dv, CSR, pattern) from the static pattern, built now if the
+        density qualifies, or None to take the per-step path; row counts of v
+        when they were computed, else None)."""
+        if not self._may_use_pattern():
+            self.invalidate_pattern()
+            return None, None
+        pat = self.static_pattern
+        v = self.weight
+        if pat is None:
+            counts = csr.weight_row_nnz(v)
+            if not (self.kernel == "csr"
+                    or int(counts.sum()) < static_pattern.MAX_DENSITY * v.size):
+                return None, counts
+            pat = static_pattern.build(v, counts, self.kernel, self.alpha)
+            self._grad_support = static_pattern.support_after_rebuild(
+                self.grad_weight, self._grad_support)
+            self._pattern, self._pattern_v = pat, v
+        static_pattern.register(self)  # every time: cheap, and right after a deepcopy
+        data, dw_dv = pat.values(v)
+        if self.kernel == "csr" or csr.prefer_csr(pat.nnz / pat.size, self._kind):
+            return (None, dw_dv, _CSR(data, pat.indices, pat.indptr), pat), None
+        w = np.zeros(v.shape, dtype=np.float32)  # e.g. Linear: dense forward
+        w.reshape(-1)[pat.flat] = data
+        return (w, dw_dv, None, pat), None
+
+    def _accumulate_pattern_grad(self, grad_vals: np.ndarray, dw_dv: np.ndarray,
+                                 pat: StaticPattern) -> None:
+        """grad_weight += dL/dv at the pattern (grad_vals: dL/dw there, (nnz,))."""
+        grad_vals *= dw_dv
+        self.grad_weight.reshape(-1)[pat.flat] += grad_vals
+        if self._grad_support is ZERO or self._grad_support is pat:
+            self._grad_support = pat
+        else:
+            self._grad_support = DENSE
+
+    def zero_grad(self) -> None:
+        support = self._grad_support
+        if isinstance(support, StaticPattern):  # zero outside it already: O(nnz)
+            self.grad_weight.reshape(-1)[support.flat] = 0.0
+        else:
+            self.grad_weight.fill(0.0)
+        if self.grad_bias is not None:
+            self.grad_bias.fill(0.0)
+        self._grad_support = ZERO
 
     def _frozen_plan(self, x: np.ndarray, m) -> csr.ConvForwardPlan:
         """The CSR forward plan of the frozen weight for x's shape, built once (a
@@ -225,11 +322,14 @@ class _Weighted(Layer):
         return g
 
     def _forward_weight(self, backward: bool):
-        """(w or None, dw/dv or None, CSR of w or None) for this forward pass.
+        """(w or None, dw/dv or None, CSR of w or None, static pattern or None) for
+        this forward pass.
 
         On the CSR path the CSR is built straight from v (kernels/csr.py,
         ``csr_of_weight``) and the dense w is formed only when a backward needs
-        dw/dv; inference of a sparse model never touches the dense weights.
+        dw/dv; inference of a sparse model never touches the dense weights. A
+        training forward with a static pattern takes only the values from v, and
+        dw/dv is then (nnz,) at the pattern.
         """
         if self._frozen is not None:
             if backward:
@@ -237,10 +337,15 @@ class _Weighted(Layer):
                                  f"have a BatchNorm folded in); call "
                                  f"runtime.inference.unfreeze(model) before training")
             w, m, _ = self._frozen
-            return w, None, m
+            return w, None, m, None
         if self.kernel not in KERNELS:
             raise ConfigError(f"{self!r}.kernel: expected one of {KERNELS}, "
                               f"got {self.kernel!r}")
+        counts = None
+        if backward:
+            found, counts = self._pattern_forward()
+            if found is not None:
+                return found
         v = self.weight
         keep = self.weight_keep
         if keep is not None and keep < 1.0:  # SWAT forward weights: top |w| only
@@ -253,20 +358,20 @@ class _Weighted(Layer):
                 w = w * mask.reshape(w.shape)
             use_csr = self.kernel == "csr" or (
                 self.kernel == "auto" and csr.prefer_csr(k / mag.size, self._kind))
-            return w, dw_dv, (_CSR(*csr.csr_of_weight(w)) if use_csr else None)
-        counts = None
+            return w, dw_dv, (_CSR(*csr.csr_of_weight(w)) if use_csr else None), None
         use_csr = self.kernel == "csr"
         if self.kernel == "auto":
-            counts = csr.weight_row_nnz(v)
+            if counts is None:
+                counts = csr.weight_row_nnz(v)
             use_csr = csr.prefer_csr(int(counts.sum()) / v.size, self._kind)
         if not use_csr:
             w, dw_dv = powerprop.effective_weight(v, self.alpha)
-            return w, dw_dv, None
+            return w, dw_dv, None, None
         m = _CSR(*csr.csr_of_weight(v, self.alpha, counts))
         w = dw_dv = None
         if backward and self.alpha != 1.0:
             dw_dv = powerprop.effective_weight(v, self.alpha)[1]
-        return w, dw_dv, m
+        return w, dw_dv, m, None
 
     def _keep_input(self, x: np.ndarray, train, grad) -> object:
         """The input as backward will see it: dense, compressed top-k, or nothing."""
@@ -279,11 +384,18 @@ class _Weighted(Layer):
         self.cost.act_keep = act.kept / x.size if x.size else 1.0
         return act
 
-    def _record_forward(self, x, y, w, dw_dv, m, act):
+    def _record_forward(self, x, y, w, dw_dv, m, act, pat=None):
         dense = int(y.size) * int(self.weight[0].size)
         self.cost.dense_macs_forward = dense
         if m is None:
             self.cost.macs_forward = dense
+        elif y.ndim == 4 and pat is not None:  # counted once per input shape
+            macs = pat.macs.get(x.shape)
+            if macs is None:
+                macs = pat.macs[x.shape] = csr.csr_conv2d_macs(
+                    m.indices, m.indptr, self.weight.shape, x.shape, self.stride,
+                    self.padding, x.shape[0])
+            self.cost.macs_forward = macs
         elif y.ndim == 4:  # the valid taps of the nonzeros (kernels/csr.py)
             frozen = self._frozen is not None
             if not (frozen and self._frozen_macs[0] == x.shape):
@@ -296,13 +408,14 @@ class _Weighted(Layer):
             self.cost.macs_forward = x.shape[0] * m.nnz
         self.cost.kernel = "dense" if m is None else "csr"
         held = 0 if act is None else nbytes_of(act)
-        self._set_cache(None if act is None else (act, w, m, dw_dv),
+        self._set_cache(None if act is None else (act, w, m, dw_dv, pat),
                         held=held, dense=0 if act is None else x.nbytes)
 
     def _accumulate_weight_grad(self, grad_w: np.ndarray, dw_dv) -> None:
         if dw_dv is not None:
             grad_w *= dw_dv
         self.grad_weight += grad_w
+        self._grad_support = DENSE
 
 
 class Conv2d(_Weighted):
@@ -342,7 +455,7 @@ class Conv2d(_Weighted):
         if x.shape[2] + 2 * p < k or x.shape[3] + 2 * p < k:
             raise ShapeError(f"{what}: expected an image of at least {k - 2 * p}x"
                              f"{k - 2 * p} pixels, got {x.shape[2]}x{x.shape[3]}")
-        w, dw_dv, m = self._forward_weight(keeps_cache(train, grad))
+        w, dw_dv, m, pat = self._forward_weight(keeps_cache(train, grad))
         bias = self._forward_bias()
         if m is None:
             y = conv.conv2d_forward(x, w, s, p)
@@ -356,11 +469,11 @@ class Conv2d(_Weighted):
         else:
             y = csr.csr_conv2d_forward(x, m.data, m.indices, m.indptr,
                                        self.weight.shape, s, p, bias)
-        self._record_forward(x, y, w, dw_dv, m, self._keep_input(x, train, grad))
+        self._record_forward(x, y, w, dw_dv, m, self._keep_input(x, train, grad), pat)
         return y
 
     def backward(self, grad_out):
-        act, w, m, dw_dv = self._take_cache()
+        act, w, m, dw_dv, pat = self._take_cache()
         shape = act.shape
         g = as_f32(grad_out, Where(self, "backward"))
         n, _, h, wd = shape
@@ -373,16 +486,21 @@ class Conv2d(_Weighted):
         kshape = self.weight.shape
         dense_macs = g.size * self.weight[0].size
         cost.dense_macs_grad_weight = cost.dense_macs_grad_input = dense_macs
-        if isinstance(act, SparseActivations) and activation.prefer_sparse_grad(
+        if pat is not None:
+            grad_vals, cost.macs_grad_weight = static_pattern.conv_grad(pat, act, g,
+                                                                        s, p)
+            self._accumulate_pattern_grad(grad_vals, dw_dv, pat)
+        elif isinstance(act, SparseActivations) and activation.prefer_sparse_grad(
                 act.kept / max(act.size, 1), k):
             grad_w, cost.macs_grad_weight = activation.conv2d_grad_weight_sparse_count(
                 act.indices(), act.values, shape, g, kshape, s, p)
+            self._accumulate_weight_grad(grad_w, dw_dv)
         else:
             if isinstance(act, SparseActivations):  # many kept: the dense kernel is faster
                 act = act.to_dense()
             grad_w = conv.conv2d_grad_weight(act, g, kshape, s, p)
             cost.macs_grad_weight = dense_macs
-        self._accumulate_weight_grad(grad_w, dw_dv)
+            self._accumulate_weight_grad(grad_w, dw_dv)
         if self.bias is not None:
             self.grad_bias += g.sum(axis=(0, 2, 3))
         if m is None:
@@ -422,7 +540,7 @@ class Linear(_Weighted):
             hint = "; flatten first" if x.ndim > 2 else ""
             raise ShapeError(f"{self!r}.forward: expected x of shape "
                              f"(N, {self.in_features}), got {tuple(x.shape)}{hint}")
-        w, dw_dv, m = self._forward_weight(keeps_cache(train, grad))
+        w, dw_dv, m, pat = self._forward_weight(keeps_cache(train, grad))
         bias = self._forward_bias()
         if m is None:
             y = x @ w.T
@@ -435,11 +553,11 @@ class Linear(_Weighted):
             y = csr.csr_linear_forward(x, m.data, m.indices, m.indptr, self.out_features)
             if bias is not None:
                 y += bias
-        self._record_forward(x, y, w, dw_dv, m, self._keep_input(x, train, grad))
+        self._record_forward(x, y, w, dw_dv, m, self._keep_input(x, train, grad), pat)
         return y
 
     def backward(self, grad_out):
-        act, w, m, dw_dv = self._take_cache()
+        act, w, m, dw_dv, pat = self._take_cache()
         g = as_f32(grad_out, Where(self, "backward"))
         if g.shape != (act.shape[0], self.out_features):
             raise ShapeError(f"{self!r}.backward: expected grad_out of shape "
@@ -447,14 +565,18 @@ class Linear(_Weighted):
         cost = self.cost
         dense_macs = g.size * self.in_features
         cost.dense_macs_grad_weight = cost.dense_macs_grad_input = dense_macs
-        if isinstance(act, SparseActivations):
+        if pat is not None:
+            grad_vals, cost.macs_grad_weight = static_pattern.linear_grad(pat, act, g)
+            self._accumulate_pattern_grad(grad_vals, dw_dv, pat)
+        elif isinstance(act, SparseActivations):
             idx = act.indices()
             grad_w = activation.linear_grad_weight_sparse(idx, act.values, act.shape, g)
             cost.macs_grad_weight = int(idx.size) * self.out_features
+            self._accumulate_weight_grad(grad_w, dw_dv)
         else:
             grad_w = g.T @ act
             cost.macs_grad_weight = dense_macs
-        self._accumulate_weight_grad(grad_w, dw_dv)
+            self._accumulate_weight_grad(grad_w, dw_dv)
         if self.bias is not None:
             self.grad_bias += g.sum(axis=0)
         if m is None:

@@ -1,4 +1,11 @@
-"""SGD with momentum, Nesterov and weight decay (PyTorch's update rule), and LR schedules."""
+"""SGD with momentum, Nesterov and weight decay (PyTorch's update rule), and LR schedules.
+
+A parameter whose layer has a static pattern (runtime/static_pattern.py: Powerprop
+alpha > 1, the gradient zero outside the pattern) is updated at the pattern only,
+O(nnz): outside it the weight, its gradient and its momentum are all zero, so the
+dense update would leave them zero too. Its momentum buffer is then kept as values
+at the pattern; ``momentum_buffers`` and ``state_dict`` show it dense.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,7 @@ import math
 
 import numpy as np
 
+from . import static_pattern
 from .errors import CheckpointError, ConfigError
 
 
@@ -50,15 +58,93 @@ class SGD(Optimizer):
             raise ConfigError("SGD: Nesterov momentum needs momentum > 0 and dampening 0")
         self.momentum, self.weight_decay = float(momentum), float(weight_decay)
         self.nesterov, self.dampening = bool(nesterov), float(dampening)
-        self.momentum_buffers: dict[str, np.ndarray] = {}
+        self._dense_buffers: dict[str, np.ndarray] = {}
+        # name -> (pattern, momentum values (nnz,) f4) of pattern-updated parameters
+        self._pattern_buffers: dict[str, tuple] = {}
+
+    @property
+    def momentum_buffers(self) -> dict[str, np.ndarray]:
+        """Momentum buffers by parameter name, dense (pattern ones materialised)."""
+        out = dict(self._dense_buffers)
+        for name, (pat, vals) in self._pattern_buffers.items():
+            out[name] = self._densify(name, pat, vals)
+        return out
+
+    @momentum_buffers.setter
+    def momentum_buffers(self, bufs: dict[str, np.ndarray]) -> None:
+        self._dense_buffers = dict(bufs)
+        self._pattern_buffers = {}
+
+    def _densify(self, name, pat, vals) -> np.ndarray:
+        buf = np.zeros(self.params[name].shape, dtype=np.float32)
+        buf.reshape(-1)[pat.flat] = vals
+        return buf
 
     def _step(self, name, p, g):
+        layer = static_pattern.owner_of(p)
+        if layer is not None:
+            pat = layer.pattern_for_step() if g is layer.grad_weight else None
+            if pat is not None and self._adopt(name, pat):
+                self._step_pattern(name, p, g, pat)
+                return
+            layer.invalidate_pattern()  # a dense update may regrow weights outside it
+        if name in self._pattern_buffers:
+            self._dense_buffers[name] = self._densify(name,
+                                                      *self._pattern_buffers.pop(name))
+        self._step_dense(name, p, g)
+
+    def _adopt(self, name, pat) -> bool:
+        """Put the momentum buffer of ``name`` on ``pat``; False when it is nonzero
+        outside the pattern (the dense update would then move those weights)."""
+        if not self.momentum:
+            return True
+        held = self._pattern_buffers.get(name)
+        if held is not None and held[0] is pat:
+            return True
+        buf = self._dense_buffers.get(name)
+        if held is not None:
+            buf = self._densify(name, *held)
+        if buf is None:  # no buffer yet: the first step sets it to g
+            self._pattern_buffers.pop(name, None)
+            return True
+        vals = buf.reshape(-1)[pat.flat]
+        if np.count_nonzero(buf) != np.count_nonzero(vals):
+            if held is not None:
+                self._dense_buffers[name] = buf
+                del self._pattern_buffers[name]
+            return False
+        self._dense_buffers.pop(name, None)
+        self._pattern_buffers[name] = (pat, vals)
+        return True
+
+    def _step_pattern(self, name, p, g, pat):
+        """The dense update of ``_step_dense`` at the pattern's entries only."""
+        flat = pat.flat
+        p_flat = p.reshape(-1)
+        pv = p_flat[flat]
+        gv = g.reshape(-1)[flat]
+        if self.weight_decay:
+            gv = gv + np.float32(self.weight_decay) * pv
+        if self.momentum:
+            held = self._pattern_buffers.get(name)
+            if held is None:
+                buf = np.array(gv, dtype=np.float32)
+                self._pattern_buffers[name] = (pat, buf)
+            else:
+                buf = held[1]
+                buf *= np.float32(self.momentum)
+                buf += np.float32(1.0 - self.dampening) * gv
+            gv = gv + np.float32(self.momentum) * buf if self.nesterov else buf
+        pv -= np.float32(self.lr) * gv
+        p_flat[flat] = pv
+
+    def _step_dense(self, name, p, g):
         if self.weight_decay:
             g = g + np.float32(self.weight_decay) * p
         if self.momentum:
-            buf = self.momentum_buffers.get(name)
+            buf = self._dense_buffers.get(name)
             if buf is None:
-                buf = self.momentum_buffers[name] = np.array(g, dtype=np.float32)
+                buf = self._dense_buffers[name] = np.array(g, dtype=np.float32)
             else:
                 buf *= np.float32(self.momentum)
                 buf += np.float32(1.0 - self.dampening) * g

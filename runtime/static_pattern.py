@@ -1,0 +1,152 @@
+"""A conv/linear layer's nonzero pattern, kept fixed while it trains (issue 15).
+
+With Powerprop alpha > 1 an exactly-zero weight gets exactly zero gradient and
+weight decay keeps it zero, so during local training the nonzeros of ``v`` can
+only shrink (an entry SGD drives to exactly 0 may stay in the pattern: its
+dw/dv is 0, so it stays harmless). A layer therefore computes the CSR
+structure once (``StaticPattern``), and per step only gathers the values from
+v, computes dw/dv, the weight gradient (kernels/sddmm.py) and the SGD update
+at the pattern: O(nnz) instead of O(weight size).
+
+The layer owns the pattern and drops it whenever v may change from outside
+training (load_state_dict and freeze/unfreeze via ``_Weighted.unfreeze``, a new
+weight array, a kernel, alpha or weight_keep change). The optimizer finds a
+parameter's layer with ``owner_of`` (the optimizer only sees arrays).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import numpy as np
+
+from .kernels import conv, csr, sddmm
+
+#: entries of a layer's weight gradient: "zero" (all zeros), "dense" (anywhere),
+#: or a StaticPattern (zero outside it)
+ZERO, DENSE = "zero", "dense"
+
+#: a layer builds a pattern at weight densities below this (both kinds; conv
+#: layers run the CSR forward there too, kernels/csr.py ``prefer_csr``)
+MAX_DENSITY = 0.5
+
+
+class StaticPattern:
+    """CSR structure of a weight's nonzeros (O x rest), built once.
+
+    Attributes: ``indices`` (nnz,) i4, ``indptr`` (O+1,) i8 (SciPy names),
+    ``flat`` (nnz,) i8 positions in v.ravel(); ``kernel``/``alpha``: the layer's
+    settings it was built under. ``grouped`` (by input channel) and the forward
+    MACs per input shape are computed on first use and kept.
+    """
+
+    def __init__(self, indices: np.ndarray, indptr: np.ndarray, shape: tuple,
+                 kernel: str, alpha: float):
+        self.indices, self.indptr, self.shape = indices, indptr, tuple(shape)
+        rest = int(np.prod(self.shape[1:]))
+        rows = np.repeat(np.arange(self.shape[0], dtype=np.int64), np.diff(indptr))
+        self.flat = rows * rest + indices
+        self.rows = rows
+        self.kernel, self.alpha = kernel, alpha
+        self._grouped = None
+        self.macs: dict[tuple, int] = {}
+
+    @property
+    def nnz(self) -> int:
+        return int(self.indices.size)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    def grouped(self) -> tuple:
+        """``sddmm.by_channel`` of a conv pattern, built once."""
+        if self._grouped is None:
+            self._grouped = sddmm.by_channel(self.indptr, self.indices, self.shape)
+        return self._grouped
+
+    def values(self, v: np.ndarray):
+        """(w, dw/dv) (nnz,) f4 at the pattern, from the layer's v."""
+        return sddmm.pattern_values(v, self.flat, self.alpha)
+
+    def __repr__(self) -> str:
+        return f"StaticPattern(shape={self.shape}, nnz={self.nnz})"
+
+
+def build(v: np.ndarray, counts: np.ndarray, kernel: str, alpha: float):
+    """The pattern of v's nonzeros (``counts``: csr.weight_row_nnz of v)."""
+    _, indices, indptr = csr.csr_of_weight(v, 1.0, counts)
+    return StaticPattern(indices, indptr, v.shape, kernel, alpha)
+
+
+def support_after_rebuild(grad: np.ndarray, support) -> str:
+    """What a new pattern may assume of the gradient that is there already: ZERO
+    if it holds only zeros (O(nnz) when it was confined to an older pattern),
+    else DENSE."""
+    if support is ZERO:
+        return ZERO
+    if isinstance(support, StaticPattern):
+        nonzero = grad.reshape(-1)[support.flat].any()
+    else:
+        nonzero = grad.any()
+    return DENSE if nonzero else ZERO
+
+
+# ---- which layer owns a parameter array (for the optimizer) --------------------
+
+_OWNERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def register(layer) -> None:
+    """Let ``owner_of(layer.weight)`` find ``layer`` (done when it builds a pattern)."""
+    _OWNERS[id(layer.weight)] = layer
+
+
+def owner_of(param: np.ndarray):
+    """The layer whose ``weight`` is exactly this array and that has built a
+    pattern, else None (an id reused by another array does not match)."""
+    layer = _OWNERS.get(id(param))
+    if layer is None or layer.weight is not param:
+        return None
+    return layer
+
+
+# ---- weight gradients at the pattern ---------------------------------------------
+
+#: the kept-element kernel does ~this many times the work per multiply-add of the
+#: dense-input one (random access into grad_out); measured, see README/issue 15
+KEPT_COST = 4.0
+#: above this density a dense input's gradient is cheaper as the dense kernel
+#: (conv.py, every weight) followed by a gather at the pattern
+DENSE_GRAD_DENSITY = 0.3
+
+
+def conv_grad(pattern: StaticPattern, act, g: np.ndarray, stride: int, pad: int):
+    """dL/dw (nnz,) f4 at the pattern and the MACs executed, from the layer's saved
+    input ``act`` (dense, or SparseActivations), picking the cheaper kernel."""
+    kshape = pattern.shape
+    n, c, h, w = act.shape
+    dense_work = pattern.nnz * n * g.shape[2] * g.shape[3]
+    if isinstance(act, np.ndarray):
+        if pattern.nnz > DENSE_GRAD_DENSITY * pattern.size:
+            grad_w = conv.conv2d_grad_weight(act, g, kshape, stride, pad)
+            return (grad_w.reshape(-1)[pattern.flat],
+                    n * g.shape[2] * g.shape[3] * pattern.size)
+        return sddmm.conv_grad_pattern_dense(act, g, pattern.indptr, pattern.indices,
+                                             kshape, stride, pad)
+    kept_work = KEPT_COST * act.kept * pattern.nnz / max(c, 1)
+    if kept_work <= dense_work + n * c * h * w:
+        return sddmm.conv_grad_pattern_kept(act.indices(), act.values, act.shape, g,
+                                            pattern.grouped(), kshape, stride, pad)
+    return sddmm.conv_grad_pattern_dense(act.to_dense(), g, pattern.indptr,
+                                         pattern.indices, kshape, stride, pad)
+
+
+def linear_grad(pattern: StaticPattern, act, g: np.ndarray):
+    """dL/dw (nnz,) f4 at the pattern of a Linear weight and the MACs: sum over n of
+    g[n, o] x[n, i] per entry (a Linear weight is small: NumPy on the gathered
+    columns)."""
+    x = act if isinstance(act, np.ndarray) else act.to_dense()
+    cols = pattern.indices
+    out = np.einsum("ne,ne->e", g[:, pattern.rows], x[:, cols], dtype=np.float32)
+    return np.ascontiguousarray(out, dtype=np.float32), int(g.shape[0]) * pattern.nnz
