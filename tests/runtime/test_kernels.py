@@ -162,6 +162,58 @@ def test_conv2d_grad_input_matches_reference(data, geom, square):
     assert_close(gx, ref_conv2d_grad_input(g, wt, (n, c, h, w), stride, pad), scale)
 
 
+@pytest.mark.parametrize("path", ["rows", "planes"])
+@given(data=st.data(), geom=conv_geometry(), square=st.booleans())
+def test_both_conv_paths_match_reference(path, data, geom, square):
+    # conv2d_forward / conv2d_grad_input pick a path by the row width kw*C (kw*O);
+    # each path is checked here on every geometry, whatever it would pick
+    n, c, o, h, w, kh, kw, stride, pad = geom
+    if square:
+        kw = kh
+    assume(w + 2 * pad >= kw)
+    x = data.draw(values((n, c, h, w)))
+    wt = data.draw(values((o, c, kh, kw)))
+    g = data.draw(values((n, o, out_len(h, kh, stride, pad),
+                          out_len(w, kw, stride, pad))))
+    forward = getattr(conv, f"_forward_{path}")
+    grad_input = getattr(conv, f"_grad_input_{path}")
+
+    y = forward(x, wt, stride, pad)
+    gx = grad_input(g, wt, (n, c, h, w), stride, pad)
+
+    assert_close(y, ref_conv2d(x, wt, stride, pad),
+                 ref_conv2d(np.abs(x), np.abs(wt), stride, pad))
+    shape = (n, c, h, w)
+    assert_close(gx, ref_conv2d_grad_input(g, wt, shape, stride, pad),
+                 ref_conv2d_grad_input(np.abs(g), np.abs(wt), shape, stride, pad))
+
+
+@pytest.mark.parametrize("geom", [
+    # (n, c, o, h, w, k, stride, pad): wide rows take _conv_rows; odd widths and
+    # channel counts that are not multiples of six leave short groups and pairs
+    (3, 23, 13, 7, 9, 3, 1, 1), (2, 17, 23, 9, 7, 3, 2, 1), (2, 49, 7, 5, 6, 1, 2, 0),
+    (13, 24, 50, 4, 4, 3, 1, 1), (1, 64, 6, 3, 3, 3, 2, 1), (2, 22, 16, 6, 5, 3, 1, 0)])
+def test_wide_convs_match_reference(geom):
+    n, c, o, h, w, k, stride, pad = geom
+    rng = np.random.default_rng(sum(geom))
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    wt = rng.standard_normal((o, c, k, k)).astype(np.float32)
+    oh, ow = out_len(h, k, stride, pad), out_len(w, k, stride, pad)
+    g = rng.standard_normal((n, o, oh, ow)).astype(np.float32)
+    assert conv._use_rows(c * k, stride) or conv._use_rows(o * k, stride)
+
+    y = conv.conv2d_forward(x, wt, stride, pad)
+    gx = conv.conv2d_grad_input(g, wt, x.shape, stride, pad)
+    gw = conv.conv2d_grad_weight(x, g, wt.shape, stride, pad)
+
+    assert_close(y, ref_conv2d(x, wt, stride, pad),
+                 ref_conv2d(np.abs(x), np.abs(wt), stride, pad))
+    assert_close(gx, ref_conv2d_grad_input(g, wt, x.shape, stride, pad),
+                 ref_conv2d_grad_input(np.abs(g), np.abs(wt), x.shape, stride, pad))
+    assert_close(gw, ref_conv2d_grad_weight(x, g, wt.shape, stride, pad),
+                 ref_conv2d_grad_weight(np.abs(x), np.abs(g), wt.shape, stride, pad))
+
+
 @given(size=st.integers(1, 12), k=st.integers(1, 3), stride=st.integers(1, 3),
        pad=st.integers(0, 3))
 def test_out_size_counts_every_window_that_fits(size, k, stride, pad):
