@@ -181,8 +181,22 @@ class BasicBlock(Module):
         # not conv2, bn2, relu2: the shortcut is added between bn2 and relu2
         return [[self.conv1, self.bn1, self.relu1], [self.conv2, self.bn2]]
 
+    #: whether the last forward ran the fused BatchNorm + ReLU (+ add) kernels
+    _fused = False
+
     def forward(self, x, train, grad=None):
         x = as_f32(x, "BasicBlock.forward")
+        self._fused = (self.bn1.fusable(self.relu1, train, grad)
+                       and self.bn2.fusable(self.relu2, train, grad))
+        if self._fused:
+            # bn1+relu1 and bn2+add+relu2 in one pass each (and one pair of
+            # passes back), keeping x per BatchNorm and relu2's mask, no relu1 mask
+            out = self.bn1.forward_relu(self.conv1.forward(x, train, grad), train, grad,
+                                        self.relu1)
+            out = self.conv2.forward(out, train, grad)
+            short = (x if self.downsample is None
+                     else self.downsample.forward(x, train, grad))
+            return self.bn2.forward_relu(out, train, grad, self.relu2, residual=short)
         out = self.relu1.forward(self.bn1.forward(self.conv1.forward(x, train, grad),
                                                   train, grad), train, grad)
         out = self.bn2.forward(self.conv2.forward(out, train, grad), train, grad)
@@ -191,10 +205,17 @@ class BasicBlock(Module):
         return self.relu2.forward(out, train, grad, inplace=True)  # out is ours
 
     def backward(self, grad_out):
-        g = self.relu2.backward(grad_out)
-        g_short = g if self.downsample is None else self.downsample.backward(g)
-        g = self.conv2.backward(self.bn2.backward(g))
-        g = self.conv1.backward(self.bn1.backward(self.relu1.backward(g)))
+        if self._fused:
+            g, g_res = self.bn2.backward_relu(grad_out)
+            g_short = (g_res if self.downsample is None
+                       else self.downsample.backward(g_res))
+            g = self.conv2.backward(g)
+            g = self.conv1.backward(self.bn1.backward_relu(g)[0])
+        else:
+            g = self.relu2.backward(grad_out)
+            g_short = g if self.downsample is None else self.downsample.backward(g)
+            g = self.conv2.backward(self.bn2.backward(g))
+            g = self.conv1.backward(self.bn1.backward(self.relu1.backward(g)))
         g += g_short
         return g
 

@@ -45,9 +45,44 @@ class Model(Sequential):
         if x.shape[1] != self.in_channels:
             raise ShapeError(f"{self.name}.forward: expected x of shape "
                              f"(N, {self.in_channels}, H, W), got {tuple(x.shape)}")
-        out = super().forward(x, train, grad)
+        out = self._forward_layers(x, train, grad)
         self._batch = out.shape if (train if grad is None else grad) else None
         return out
+
+    #: indices of the children whose BatchNorm ran fused with the ReLU after it
+    _fused_at: frozenset = frozenset()
+
+    def _forward_layers(self, x, train, grad):
+        # Sequential's loop, but a BatchNorm followed by a ReLU (the stem) runs
+        # both in one pass when it keeps a cache (BatchNorm2d.forward_relu)
+        kids = list(self.children().values())
+        fused = set()
+        i = 0
+        while i < len(kids):
+            layer = kids[i]
+            after = kids[i + 1] if i + 1 < len(kids) else None
+            if (isinstance(layer, BatchNorm2d) and isinstance(after, ReLU)
+                    and layer.fusable(after, train, grad)):
+                x = layer.forward_relu(x, train, grad, after)
+                fused.add(i)
+                i += 2
+            else:
+                x = layer.forward(x, train, grad)
+                i += 1
+        self._fused_at = frozenset(fused)
+        return x
+
+    def _backward_layers(self, g):
+        kids = list(self.children().values())
+        i = len(kids) - 1
+        while i >= 0:
+            if i - 1 in self._fused_at:
+                g = kids[i - 1].backward_relu(g)[0]
+                i -= 2
+            else:
+                g = kids[i].backward(g)
+                i -= 1
+        return g
 
     def backward(self, grad_out):
         if self._batch is None:
@@ -58,7 +93,7 @@ class Model(Sequential):
             raise ShapeError(f"{self.name}.backward: expected grad_logits of shape "
                              f"{self._batch}, got {tuple(g.shape)}")
         self._batch = None
-        return super().backward(g)
+        return self._backward_layers(g)
 
     def prunable(self) -> dict[str, np.ndarray]:
         """The conv and linear weights (the tensors that magnitude pruning ranks)."""

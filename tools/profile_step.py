@@ -1,7 +1,8 @@
 """Where a train step's time goes, by kind of work: conv/linear kernels (forward,
 grad input, grad weight), weight preparation, compressing the kept activations,
-MAC accounting, BatchNorm, ReLU, pooling, the rest of each layer's Python, the
-residual adds and dispatch of the blocks, the loss and SGD.
+MAC accounting, BatchNorm, ReLU, BatchNorm+ReLU fused (the blocks' and the
+stem's), pooling, the rest of each layer's Python, the residual adds and
+dispatch of the blocks, the loss and SGD.
 
     python tools/profile_step.py --model resnet18 --sparsity 0.99 --steps 10
 
@@ -31,10 +32,13 @@ from sparsefedpp.runtime import (
     softmax_cross_entropy,
 )
 from sparsefedpp.runtime import layers as layers_module
+from sparsefedpp.runtime.batchnorm import BatchNorm2d
 from sparsefedpp.runtime.kernels import activation, conv, csr
 from sparsefedpp.runtime.sparse_activation import ActivationSparsifier, SparseActivations
 
-#: (owner, attribute) -> kind: the kernels and helpers conv/linear layers call
+FUSED = "BatchNorm+ReLU(+residual add) fused"
+#: (owner, attribute) -> kind: the kernels and helpers conv/linear layers call,
+#: and the fused BatchNorm paths the blocks call
 KERNELS = {
     (conv, "conv2d_forward"): "conv/linear forward kernel",
     (csr, "csr_conv2d_forward"): "conv/linear forward kernel",
@@ -52,6 +56,9 @@ KERNELS = {
     (SparseActivations, "indices"): "top-k/compress kept activations",
     (SparseActivations, "to_dense"): "top-k/compress kept activations",
     (csr, "csr_conv2d_macs"): "MAC accounting",
+    # BasicBlock and the stem run BatchNorm + ReLU (+ the residual add) fused
+    (BatchNorm2d, "forward_relu"): FUSED,
+    (BatchNorm2d, "backward_relu"): FUSED,
 }
 LAYER_KINDS = {"Conv2d": "conv/linear layer Python (checks, dw/dv, grad +=)",
                "Linear": "conv/linear layer Python (checks, dw/dv, grad +=)",

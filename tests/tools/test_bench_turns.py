@@ -272,7 +272,9 @@ def test_profile_step_splits_the_step_by_kind():
     result = profile_step.profile("resnet8", 0.99, 4, 2, width=0.25)
 
     kinds = {(k["kind"], k["phase"]) for k in result["kinds"]}
-    assert ("BatchNorm", "forward") in kinds and ("ReLU", "backward") in kinds
+    assert ("BatchNorm", "forward") in kinds  # the downsample's, alone
+    assert (profile_step.FUSED, "forward") in kinds
+    assert (profile_step.FUSED, "backward") in kinds
     assert ("top-k/compress kept activations", "forward") in kinds
     assert ("conv/linear grad weight kernel", "backward") in kinds
     assert ("conv/linear forward kernel", "forward") in kinds
