@@ -32,6 +32,7 @@ from sparsefedpp.runtime import (
     softmax_cross_entropy,
 )
 from sparsefedpp.runtime import layers as layers_module
+from sparsefedpp.runtime import static_pattern
 from sparsefedpp.runtime.batchnorm import BatchNorm2d
 from sparsefedpp.runtime.kernels import activation, conv, csr
 from sparsefedpp.runtime.sparse_activation import ActivationSparsifier, SparseActivations
@@ -49,6 +50,9 @@ KERNELS = {
     (conv, "conv2d_grad_weight"): "conv/linear grad weight kernel",
     (activation, "conv2d_grad_weight_sparse_count"): "conv/linear grad weight kernel",
     (activation, "linear_grad_weight_sparse"): "conv/linear grad weight kernel",
+    (static_pattern, "conv_grad"): "conv/linear grad weight kernel",
+    (static_pattern, "linear_grad"): "conv/linear grad weight kernel",
+    (static_pattern.StaticPattern, "values"): "weight prep (Powerprop, CSR)",
     (layers_module.powerprop, "effective_weight"): "weight prep (Powerprop, CSR)",
     (csr, "csr_of_weight"): "weight prep (Powerprop, CSR)",
     (csr, "weight_row_nnz"): "weight prep (Powerprop, CSR)",
