@@ -20,7 +20,7 @@ import weakref
 
 import numpy as np
 
-from .kernels import conv, csr, sddmm
+from .kernels import activation, conv, csr, sddmm
 
 #: entries of a layer's weight gradient: "zero" (all zeros), "dense" (anywhere),
 #: or a StaticPattern (zero outside it)
@@ -36,8 +36,8 @@ class StaticPattern:
 
     Attributes: ``indices`` (nnz,) i4, ``indptr`` (O+1,) i8 (SciPy names),
     ``flat`` (nnz,) i8 positions in v.ravel(); ``kernel``/``alpha``: the layer's
-    settings it was built under. ``grouped`` (by input channel) and the forward
-    MACs per input shape are computed on first use and kept.
+    settings it was built under; ``macs``: the forward MACs per input shape,
+    counted on first use.
     """
 
     def __init__(self, indices: np.ndarray, indptr: np.ndarray, shape: tuple,
@@ -48,7 +48,6 @@ class StaticPattern:
         self.flat = rows * rest + indices
         self.rows = rows
         self.kernel, self.alpha = kernel, alpha
-        self._grouped = None
         self.macs: dict[tuple, int] = {}
 
     @property
@@ -58,12 +57,6 @@ class StaticPattern:
     @property
     def size(self) -> int:
         return int(np.prod(self.shape))
-
-    def grouped(self) -> tuple:
-        """``sddmm.by_channel`` of a conv pattern, built once."""
-        if self._grouped is None:
-            self._grouped = sddmm.by_channel(self.indptr, self.indices, self.shape)
-        return self._grouped
 
     def values(self, v: np.ndarray):
         """(w, dw/dv) (nnz,) f4 at the pattern, from the layer's v."""
@@ -113,33 +106,50 @@ def owner_of(param: np.ndarray):
 
 # ---- weight gradients at the pattern ---------------------------------------------
 
-#: the kept-element kernel does ~this many times the work per multiply-add of the
-#: dense-input one (random access into grad_out); measured, see README/issue 15
-KEPT_COST = 4.0
-#: above this density a dense input's gradient is cheaper as the dense kernel
-#: (conv.py, every weight) followed by a gather at the pattern
-DENSE_GRAD_DENSITY = 0.3
+#: ns per multiply-add (or per element) of each way to the gradient at the pattern,
+#: single thread, ResNet-18 shapes, batch 32 (measured under load: ratios, not
+#: absolute speed): the kept-element pattern kernel and its regrouping by channel;
+#: activation.conv2d_grad_weight_sparse (every weight) and its dense output passes;
+#: the dense conv.conv2d_grad_weight and the decompression before it
+NS_KEPT, NS_KEPT_PREP = 15.0, 25.0
+NS_SPARSE, NS_SPARSE_OUT = 0.5, 1.5
+NS_DENSE, NS_TO_DENSE = 0.06, 1.0
+#: below this weight density a dense input's gradient is the dense-input pattern
+#: kernel (~30x the dense kernel's time per multiply-add), above it the dense
+#: kernel over every weight and a gather at the pattern
+DENSE_GRAD_DENSITY = 0.03
 
 
 def conv_grad(pattern: StaticPattern, act, g: np.ndarray, stride: int, pad: int):
     """dL/dw (nnz,) f4 at the pattern and the MACs executed, from the layer's saved
-    input ``act`` (dense, or SparseActivations), picking the cheaper kernel."""
+    input ``act`` (dense, or SparseActivations), by the way expected to be fastest:
+    a pattern kernel, or a kernel over every weight followed by a gather."""
     kshape = pattern.shape
-    n, c, h, w = act.shape
-    dense_work = pattern.nnz * n * g.shape[2] * g.shape[3]
+    _, c, kh, kw = kshape
+    dense_macs = int(g.size) * pattern.size // kshape[0]
     if isinstance(act, np.ndarray):
-        if pattern.nnz > DENSE_GRAD_DENSITY * pattern.size:
-            grad_w = conv.conv2d_grad_weight(act, g, kshape, stride, pad)
-            return (grad_w.reshape(-1)[pattern.flat],
-                    n * g.shape[2] * g.shape[3] * pattern.size)
-        return sddmm.conv_grad_pattern_dense(act, g, pattern.indptr, pattern.indices,
-                                             kshape, stride, pad)
-    kept_work = KEPT_COST * act.kept * pattern.nnz / max(c, 1)
-    if kept_work <= dense_work + n * c * h * w:
+        if pattern.nnz <= DENSE_GRAD_DENSITY * pattern.size:
+            return sddmm.conv_grad_pattern_dense(act, g, pattern.indptr,
+                                                 pattern.indices, kshape, stride, pad)
+        grad_w = conv.conv2d_grad_weight(act, g, kshape, stride, pad)
+        return grad_w.reshape(-1)[pattern.flat], dense_macs
+    taps = act.kept * -(-kh // stride) * -(-kw // stride)  # an estimate
+    cost = {"kept": NS_KEPT * act.kept * pattern.nnz / max(c, 1)
+                    + NS_KEPT_PREP * act.kept,
+            "sparse": NS_SPARSE * taps * kshape[0] + NS_SPARSE_OUT * pattern.size,
+            "dense": NS_DENSE * dense_macs + NS_TO_DENSE * act.size}
+    way = min(cost, key=cost.get)
+    if way == "kept":
         return sddmm.conv_grad_pattern_kept(act.indices(), act.values, act.shape, g,
-                                            pattern.grouped(), kshape, stride, pad)
-    return sddmm.conv_grad_pattern_dense(act.to_dense(), g, pattern.indptr,
-                                         pattern.indices, kshape, stride, pad)
+                                            pattern.indptr, pattern.indices, kshape,
+                                            stride, pad)
+    if way == "sparse":
+        grad_w, macs = activation.conv2d_grad_weight_sparse_count(
+            act.indices(), act.values, act.shape, g, kshape, stride, pad)
+    else:
+        grad_w, macs = conv.conv2d_grad_weight(act.to_dense(), g, kshape, stride,
+                                               pad), dense_macs
+    return grad_w.reshape(-1)[pattern.flat], macs
 
 
 def linear_grad(pattern: StaticPattern, act, g: np.ndarray):

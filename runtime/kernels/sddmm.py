@@ -14,11 +14,10 @@ for every entry e = (o, c, i, j), over the valid taps only.
   output channels (rows of the pattern), each entry one reduction over
   N x (valid rows) x (valid columns): nnz * N * OH * OW multiply-adds at most.
 * ``conv_grad_pattern_kept``: from the kept (SWAT-compressed) input, flat C-order
-  int32 indices + values; each kept element x[n, c, y, w] meets only the entries
-  of input channel c (the pattern regrouped by c once, ``by_channel``), so the
-  work is kept * (entries per channel): the product of the two densities times
-  the dense work. The kept list is split into one slice per thread, each with its
-  own partial gradient (nnz floats): no atomics.
+  int32 indices + values; an entry (o, c, i, j) meets only the kept elements of
+  input channel c (regrouped by channel per call, a radix sort), so the work is
+  kept * (entries per channel): the product of the two densities times the dense
+  work. Parallel over output channels, one accumulator per entry: no atomics.
 * ``pattern_values``: w = v|v|^(alpha-1) and dw/dv = alpha |v|^(alpha-1) at the
   pattern's flat positions, O(nnz), bit for bit what powerprop.effective_weight
   gives (two square roots for alpha 1.25).
@@ -134,69 +133,56 @@ def conv_grad_pattern_dense(x: np.ndarray, grad_out: np.ndarray, indptr: np.ndar
     return out, int(macs)
 
 
-def by_channel(indptr: np.ndarray, indices: np.ndarray, kshape: tuple):
-    """The pattern regrouped by input channel: (cptr (C+1,), rows, taps, entries)
-    i8 each, entries of channel c at [cptr[c], cptr[c+1]) with their output channel,
-    tap i*kw + j and index into the CSR arrays (what ``conv_grad_pattern_kept``
-    takes; built once per pattern)."""
-    o, c, kh, kw = kshape
-    col = indices.astype(np.int64)
-    rows = np.repeat(np.arange(o, dtype=np.int64), np.diff(indptr))
-    chan = col // (kh * kw)
-    order = np.argsort(chan, kind="stable")
-    cptr = np.zeros(c + 1, dtype=np.int64)
-    np.cumsum(np.bincount(chan, minlength=c), out=cptr[1:])
-    return (cptr, np.ascontiguousarray(rows[order]),
-            np.ascontiguousarray(col[order] % (kh * kw)), order.astype(np.int64))
-
-
-@nb.njit("i8(i4[::1], f4[::1], i8, i8, i8, f4[:, :, :, ::1], i8[::1], i8[::1],"
-         " i8[::1], i8[::1], i8, i8, i8, f4[:, ::1])", **JIT_PARALLEL_FASTMATH)
-def _conv_grad_kept(indices, values, n_ch, h, w, g, cptr, rows, taps, entries, kw, s,
-                    pad, part):  # pragma: no cover - compiled
-    n_kept = indices.size
-    n_part = part.shape[0]
-    oh_n, ow_n = g.shape[2], g.shape[3]
-    macs = np.zeros(n_part, dtype=np.int64)
-    for p in nb.prange(n_part):
-        acc = part[p]
-        acc[:] = 0.0
+@nb.njit("i8(i4[::1], i4[::1], i4[::1], f4[::1], i8[::1], f4[:, :, :, ::1], i8[::1],"
+         " i4[::1], i8, i8, i8, i8, f4[::1])", **JIT_PARALLEL_FASTMATH)
+def _conv_grad_kept(kn, ky, kx, kv, cptr, g, indptr, indices, kh, kw, s, pad,
+                    out):  # pragma: no cover - compiled
+    # the kept elements regrouped by channel: those of channel c at [cptr[c],
+    # cptr[c+1]) with their image, row, column and value (decoded once, outside:
+    # an integer division costs more than the multiply-add)
+    n_out, oh_n, ow_n = g.shape[1], g.shape[2], g.shape[3]
+    macs = np.zeros(n_out, dtype=np.int64)
+    for o in nb.prange(n_out):
         count = 0
-        for e in range(p * n_kept // n_part, (p + 1) * n_kept // n_part):
-            f = np.int64(indices[e])
-            v = values[e]
-            xx = f % w
-            r = f // w
-            y = r % h
-            c = (r // h) % n_ch
-            n = r // (h * n_ch)
-            for t in range(cptr[c], cptr[c + 1]):
-                ij = taps[t]
-                yy = y + pad - ij // kw
-                xw = xx + pad - ij % kw
-                if yy < 0 or xw < 0:
-                    continue
-                if s != 1:
-                    if yy % s != 0 or xw % s != 0:
+        for e in range(indptr[o], indptr[o + 1]):
+            col = np.int64(indices[e])
+            c = col // (kh * kw)
+            dy = pad - (col // kw) % kh
+            dx = pad - col % kw
+            acc = np.float32(0.0)
+            if s == 1:
+                for q in range(cptr[c], cptr[c + 1]):
+                    yy = ky[q] + dy
+                    xx = kx[q] + dx
+                    if 0 <= yy < oh_n and 0 <= xx < ow_n:
+                        acc += kv[q] * g[kn[q], o, yy, xx]
+                        count += 1
+            else:
+                for q in range(cptr[c], cptr[c + 1]):
+                    yy = ky[q] + dy
+                    xx = kx[q] + dx
+                    if yy < 0 or xx < 0 or yy % s != 0 or xx % s != 0:
                         continue
                     yy //= s
-                    xw //= s
-                if yy >= oh_n or xw >= ow_n:
-                    continue
-                acc[entries[t]] += v * g[n, rows[t], yy, xw]
-                count += 1
-        macs[p] = count
+                    xx //= s
+                    if yy < oh_n and xx < ow_n:
+                        acc += kv[q] * g[kn[q], o, yy, xx]
+                        count += 1
+            out[e] = acc
+        macs[o] = count
     return macs.sum()
 
 
-def conv_grad_pattern_kept(indices: np.ndarray, values: np.ndarray, x_shape: tuple,
-                           grad_out: np.ndarray, grouped: tuple, kshape: tuple,
-                           stride: int, pad: int):
+def conv_grad_pattern_kept(kept: np.ndarray, values: np.ndarray, x_shape: tuple,
+                           grad_out: np.ndarray, indptr: np.ndarray,
+                           indices: np.ndarray, kshape: tuple, stride: int, pad: int):
     """dL/dw (nnz,) f4 at the pattern from the kept input elements, and the MACs.
 
-    indices (K,) i4 / values (K,) f4: the kept elements of x (``x_shape`` (N, C, H,
-    W)) in flat C order; grad_out (N, O, OH, OW) f4; ``grouped``: ``by_channel`` of
-    the pattern; kshape (O, C, kh, kw). Wraps ``_conv_grad_kept``.
+    kept (K,) i4 / values (K,) f4: the kept elements of x (``x_shape`` (N, C, H, W))
+    in increasing flat C order; grad_out (N, O, OH, OW) f4; indptr (O+1,) i8 and
+    indices (nnz,) i4: the pattern; kshape (O, C, kh, kw). Each entry (o, c, i, j)
+    runs over the kept elements of channel c. Parallel over output channels.
+    Wraps ``_conv_grad_kept``.
     """
     n, c, h, w = x_shape
     o, _, kh, kw = kshape
@@ -205,10 +191,18 @@ def conv_grad_pattern_kept(indices: np.ndarray, values: np.ndarray, x_shape: tup
     if grad_out.shape != (n, o, oh, ow):
         raise ShapeError(f"conv_grad_pattern_kept: expected grad_out of shape "
                          f"{(n, o, oh, ow)}, got {grad_out.shape}")
-    cptr, rows, taps, entries = grouped
-    n_part = max(1, min(nb.get_num_threads(), indices.size // 2048))
-    part = np.empty((n_part, entries.size), dtype=np.float32)
-    macs = _conv_grad_kept(indices, values, c, h, w,
-                           np.require(grad_out, np.float32, ["C", "W"]), cptr, rows,
-                           taps, entries, kw, stride, pad, part)
-    return (part[0] if n_part == 1 else part.sum(axis=0)), int(macs)
+    n_img, rest = np.divmod(kept, np.int32(c * h * w))
+    chan, rest = np.divmod(rest, np.int32(h * w))
+    ky, kx = np.divmod(rest, np.int32(w))
+    # stable, so (n, y, x) order stays inside a channel; int16 keys: a radix sort
+    order = np.argsort(chan.astype(np.int16 if c < 2**15 else np.int32), kind="stable")
+    cptr = np.zeros(c + 1, dtype=np.int64)
+    np.cumsum(np.bincount(chan, minlength=c), out=cptr[1:])
+    out = np.empty(indices.size, dtype=np.float32)
+    macs = _conv_grad_kept(np.ascontiguousarray(n_img[order], dtype=np.int32),
+                           np.ascontiguousarray(ky[order], dtype=np.int32),
+                           np.ascontiguousarray(kx[order], dtype=np.int32),
+                           np.ascontiguousarray(values[order]), cptr,
+                           np.require(grad_out, np.float32, ["C", "W"]), indptr,
+                           indices, kh, kw, stride, pad, out)
+    return out, int(macs)

@@ -144,7 +144,8 @@ def test_sddmm_kernels_report_the_multiply_adds_they_run(k, stride, pad):
     _, dense_macs = sddmm.conv_grad_pattern_dense(x, g, pat.indptr, pat.indices,
                                                   pat.shape, stride, pad)
     _, kept_macs = sddmm.conv_grad_pattern_kept(kept, x.ravel()[kept], x.shape, g,
-                                                pat.grouped(), pat.shape, stride, pad)
+                                                pat.indptr, pat.indices, pat.shape,
+                                                stride, pad)
 
     assert dense_macs == _count_dense_macs(pat.indptr, pat.indices,
                                                     pat.shape, x.shape, stride, pad)
@@ -377,3 +378,24 @@ def test_layer_zero_grad_clears_a_pattern_gradient():
     layer.zero_grad()
 
     assert not np.any(layer.grad_weight) and not np.any(layer.grad_bias)
+
+
+@pytest.mark.parametrize("way", ["kept", "sparse", "dense"])
+def test_every_way_to_the_pattern_gradient_agrees(way, monkeypatch):
+    # Arrange: make the chosen way the only cheap one
+    from sparsefedpp.runtime import static_pattern
+
+    for name in ("NS_KEPT", "NS_SPARSE", "NS_DENSE"):
+        monkeypatch.setattr(static_pattern, name, 0.0 if way in name.lower() else 1e9)
+    layer = _sparse(Conv2d(12, 16, 3, stride=2, padding=1, alpha=1.25,
+                           rng=np.random.default_rng(0)), 0.1)
+    ref = copy.deepcopy(layer)
+    ref.kernel = "dense"
+    for lay in (layer, ref):
+        lay.sparsify_activations(0.1)
+    x = _relu_input((3, 12, 11, 10))
+    # Act
+    ours, theirs = _fwd_bwd(layer, x), _fwd_bwd(ref, x)
+    # Assert
+    assert layer.static_pattern is not None
+    _close(ours[2], theirs[2], way)
