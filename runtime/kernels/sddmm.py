@@ -32,7 +32,9 @@ import numba as nb
 import numpy as np
 
 from ..errors import ShapeError
-from .config import JIT, JIT_PARALLEL_FASTMATH
+from .config import FASTMATH, JIT, JIT_PARALLEL_FASTMATH
+
+JIT_FASTMATH = {**JIT, "fastmath": FASTMATH}
 
 
 @nb.njit("void(f4[::1], i8[::1], i8, f4, f4, f4[::1], f4[::1])", **JIT)
@@ -133,44 +135,72 @@ def conv_grad_pattern_dense(x: np.ndarray, grad_out: np.ndarray, indptr: np.ndar
     return out, int(macs)
 
 
-@nb.njit("i8(i4[::1], i4[::1], i4[::1], f4[::1], i8[::1], f4[:, :, :, ::1], i8[::1],"
-         " i4[::1], i8, i8, i8, i8, f4[::1])", **JIT_PARALLEL_FASTMATH)
+@nb.njit(inline="always")
+def _kept_row(o, kn, ky, kx, kv, cptr, g, indptr, indices, kh, kw, s,
+              pad, out):  # pragma: no cover - compiled
+    # the entries of output channel o; returns the multiply-adds done
+    oh_n, ow_n = g.shape[2], g.shape[3]
+    count = 0
+    for e in range(indptr[o], indptr[o + 1]):
+        col = np.int64(indices[e])
+        c = col // (kh * kw)
+        dy = pad - (col // kw) % kh
+        dx = pad - col % kw
+        acc = np.float32(0.0)
+        if s == 1:
+            for q in range(cptr[c], cptr[c + 1]):
+                yy = ky[q] + dy
+                xx = kx[q] + dx
+                if 0 <= yy < oh_n and 0 <= xx < ow_n:
+                    acc += kv[q] * g[kn[q], o, yy, xx]
+                    count += 1
+        else:
+            for q in range(cptr[c], cptr[c + 1]):
+                yy = ky[q] + dy
+                xx = kx[q] + dx
+                if yy < 0 or xx < 0 or yy % s != 0 or xx % s != 0:
+                    continue
+                yy //= s
+                xx //= s
+                if yy < oh_n and xx < ow_n:
+                    acc += kv[q] * g[kn[q], o, yy, xx]
+                    count += 1
+        out[e] = acc
+    return count
+
+
+_KEPT_SIG = ("i8(i4[::1], i4[::1], i4[::1], f4[::1], i8[::1], f4[:, :, :, ::1], i8[::1],"
+             " i4[::1], i8, i8, i8, i8, f4[::1])")
+
+
+@nb.njit(_KEPT_SIG, **JIT_PARALLEL_FASTMATH)
 def _conv_grad_kept(kn, ky, kx, kv, cptr, g, indptr, indices, kh, kw, s, pad,
                     out):  # pragma: no cover - compiled
     # the kept elements regrouped by channel: those of channel c at [cptr[c],
     # cptr[c+1]) with their image, row, column and value (decoded once, outside:
     # an integer division costs more than the multiply-add)
-    n_out, oh_n, ow_n = g.shape[1], g.shape[2], g.shape[3]
+    n_out = g.shape[1]
     macs = np.zeros(n_out, dtype=np.int64)
     for o in nb.prange(n_out):
-        count = 0
-        for e in range(indptr[o], indptr[o + 1]):
-            col = np.int64(indices[e])
-            c = col // (kh * kw)
-            dy = pad - (col // kw) % kh
-            dx = pad - col % kw
-            acc = np.float32(0.0)
-            if s == 1:
-                for q in range(cptr[c], cptr[c + 1]):
-                    yy = ky[q] + dy
-                    xx = kx[q] + dx
-                    if 0 <= yy < oh_n and 0 <= xx < ow_n:
-                        acc += kv[q] * g[kn[q], o, yy, xx]
-                        count += 1
-            else:
-                for q in range(cptr[c], cptr[c + 1]):
-                    yy = ky[q] + dy
-                    xx = kx[q] + dx
-                    if yy < 0 or xx < 0 or yy % s != 0 or xx % s != 0:
-                        continue
-                    yy //= s
-                    xx //= s
-                    if yy < oh_n and xx < ow_n:
-                        acc += kv[q] * g[kn[q], o, yy, xx]
-                        count += 1
-            out[e] = acc
-        macs[o] = count
+        macs[o] = _kept_row(o, kn, ky, kx, kv, cptr, g, indptr, indices, kh, kw, s,
+                            pad, out)
     return macs.sum()
+
+
+@nb.njit(_KEPT_SIG, **JIT_FASTMATH)
+def _conv_grad_kept_serial(kn, ky, kx, kv, cptr, g, indptr, indices, kh, kw, s, pad,
+                           out):  # pragma: no cover - compiled
+    # the same, on the calling thread: for little work a parallel launch costs more
+    # (and waits for a descheduled thread when the machine is busy)
+    total = 0
+    for o in range(g.shape[1]):
+        total += _kept_row(o, kn, ky, kx, kv, cptr, g, indptr, indices, kh, kw, s,
+                           pad, out)
+    return total
+
+
+#: below this many (kept element, entry) pairs the serial kernel runs
+SERIAL_PAIRS = 100_000
 
 
 def conv_grad_pattern_kept(kept: np.ndarray, values: np.ndarray, x_shape: tuple,
@@ -199,10 +229,12 @@ def conv_grad_pattern_kept(kept: np.ndarray, values: np.ndarray, x_shape: tuple,
     cptr = np.zeros(c + 1, dtype=np.int64)
     np.cumsum(np.bincount(chan, minlength=c), out=cptr[1:])
     out = np.empty(indices.size, dtype=np.float32)
-    macs = _conv_grad_kept(np.ascontiguousarray(n_img[order], dtype=np.int32),
-                           np.ascontiguousarray(ky[order], dtype=np.int32),
-                           np.ascontiguousarray(kx[order], dtype=np.int32),
-                           np.ascontiguousarray(values[order]), cptr,
-                           np.require(grad_out, np.float32, ["C", "W"]), indptr,
-                           indices, kh, kw, stride, pad, out)
+    pairs = kept.size * indices.size // max(c, 1)
+    kernel = _conv_grad_kept_serial if pairs < SERIAL_PAIRS else _conv_grad_kept
+    macs = kernel(np.ascontiguousarray(n_img[order], dtype=np.int32),
+                  np.ascontiguousarray(ky[order], dtype=np.int32),
+                  np.ascontiguousarray(kx[order], dtype=np.int32),
+                  np.ascontiguousarray(values[order]), cptr,
+                  np.require(grad_out, np.float32, ["C", "W"]), indptr, indices, kh,
+                  kw, stride, pad, out)
     return out, int(macs)

@@ -399,3 +399,21 @@ def test_every_way_to_the_pattern_gradient_agrees(way, monkeypatch):
     # Assert
     assert layer.static_pattern is not None
     _close(ours[2], theirs[2], way)
+
+
+def test_serial_and_parallel_kept_kernels_agree(monkeypatch):
+    rng = np.random.default_rng(0)
+    layer = _sparse(Conv2d(8, 16, 3, padding=1, alpha=1.25, rng=rng), 0.2)
+    layer.forward(_relu_input((2, 8, 9, 9)), train=True)
+    layer._cache = None
+    pat = layer.static_pattern
+    x = _relu_input((2, 8, 9, 9))
+    g = rng.standard_normal((2, 16, 9, 9)).astype(np.float32)
+    kept = np.flatnonzero(x.ravel() > 0.5).astype(np.int32)
+    args = (kept, x.ravel()[kept], x.shape, g, pat.indptr, pat.indices, pat.shape, 1, 1)
+    monkeypatch.setattr(sddmm, "SERIAL_PAIRS", 0)
+    parallel = sddmm.conv_grad_pattern_kept(*args)
+    monkeypatch.setattr(sddmm, "SERIAL_PAIRS", 10**12)
+    serial = sddmm.conv_grad_pattern_kept(*args)
+    np.testing.assert_array_equal(serial[0], parallel[0])
+    assert serial[1] == parallel[1]
