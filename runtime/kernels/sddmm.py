@@ -99,10 +99,11 @@ def _conv_grad_dense(x, g, indptr, indices, kh, kw, s, pad,
                 for a in range(a0, a1):
                     g_row = g[n, o, a]
                     x_row = x[n, c, a * s - pad + i]
-                    if s == 1:
-                        d = j - pad
-                        for b in range(b0, b1):
-                            acc += g_row[b] * x_row[b + d]
+                    if s == 1:  # two unit-stride slices: a vectorised dot product
+                        gs = g_row[b0:b1]
+                        xs = x_row[b0 + j - pad:b1 + j - pad]
+                        for t in range(gs.size):
+                            acc += gs[t] * xs[t]
                     else:
                         for b in range(b0, b1):
                             acc += g_row[b] * x_row[b * s - pad + j]
