@@ -242,6 +242,83 @@ def compress_to_bitmap(x: np.ndarray, threshold: float, start: np.ndarray,
     return bitmap, values
 
 
+@nb.njit(_sigs(lambda f: nb.void(f, nb.float32, nb.int64, nb.int64, _I4, _F4, _I8)),
+         **JIT_PARALLEL)
+def _scan_kept(x, thr, chunk, cap, idx_buf, val_buf,
+               counts):  # pragma: no cover - compiled
+    # One pass, every tie kept (no limit): the kept elements of chunk ck (|x| >=
+    # thr and x != 0, or NaN: bits a >= thr_u and a != 0) go, in order, to
+    # idx_buf/val_buf[ck*cap:(ck+1)*cap]; counts[ck] is their number, even past cap
+    # (then only the first cap are written and the caller falls back). Blocks of
+    # 64 are first tested by their largest |x| (a vectorised max), so a sparse
+    # chunk is read about once.
+    n = x.size
+    u = x.view(np.uint32)
+    thr_u = np.array([thr], dtype=np.float32).view(np.uint32)[0]
+    for ck in nb.prange(counts.size):
+        lo = ck * chunk
+        hi = min(n, lo + chunk)
+        uc = u[lo:hi]
+        xc = x[lo:hi]
+        ib = idx_buf[ck * cap:(ck + 1) * cap]
+        vb = val_buf[ck * cap:(ck + 1) * cap]
+        pos = 0
+        j0 = 0
+        while j0 < hi - lo:
+            j1 = min(hi - lo, j0 + 64)
+            mx = np.uint32(0)
+            for j in range(j0, j1):
+                mx = max(mx, uc[j] & np.uint32(0x7FFFFFFF))
+            if mx >= thr_u and mx != 0:
+                for j in range(j0, j1):
+                    a = uc[j] & np.uint32(0x7FFFFFFF)
+                    if a >= thr_u and a != 0:
+                        if pos < cap:
+                            ib[pos] = lo + j
+                            vb[pos] = xc[j]
+                        pos += 1
+            j0 = j1
+        counts[ck] = pos
+
+
+@nb.njit("void(i4[::1], f4[::1], i8, i8[::1], i8[::1], i4[::1], f4[::1])",
+         **JIT_PARALLEL)
+def _gather_kept(idx_buf, val_buf, cap, counts, start, indices,
+                 values):  # pragma: no cover - compiled
+    for ck in nb.prange(counts.size):
+        s = start[ck]
+        for i in range(counts[ck]):
+            indices[s + i] = idx_buf[ck * cap + i]
+            values[s + i] = val_buf[ck * cap + i]
+
+
+def compress_one_pass(x: np.ndarray, threshold: float, expect: int,
+                      chunk: int = CHUNK):
+    """(indices int32, values float32) of every element with |x| >= threshold and
+    x != 0 (and NaN) of a flat float32 x, in one read of x; None if a chunk holds
+    more than its share of about 2 * ``expect`` (then use the count + write pass).
+
+    For threshold reuse (no tie limit) at a low keep: scratch of about
+    16 * expect bytes instead of a count pass over x. Measured (one thread, a
+    (32, 64, 32, 32) ReLU output): 1.9 vs 2.3 ms at keep 0.001, 3.3 vs 4.6 at
+    0.01, 6.8 vs 11.2 at 0.03.
+    """
+    n_chunk = max(1, -(-x.size // chunk))
+    cap = min(chunk, 2 * -(-max(expect, 1) // n_chunk) + 64)
+    idx_buf = np.empty(n_chunk * cap, dtype=np.int32)
+    val_buf = np.empty(n_chunk * cap, dtype=np.float32)
+    counts = np.empty(n_chunk, dtype=np.int64)
+    _scan_kept(x, np.float32(threshold), chunk, cap, idx_buf, val_buf, counts)
+    if int(counts.max()) > cap:
+        return None
+    start = np.cumsum(counts) - counts
+    kept = int(counts.sum())
+    indices = np.empty(kept, dtype=np.int32)
+    values = np.empty(kept, dtype=np.float32)
+    _gather_kept(idx_buf, val_buf, cap, counts, start, indices, values)
+    return indices, values
+
+
 @nb.njit("void(u1[::1], i8, i8[::1], i4[::1])", **JIT_PARALLEL)
 def _bitmap_indices(bitmap, chunk_bytes, start, indices):  # pragma: no cover - compiled
     for ck in nb.prange(start.size):

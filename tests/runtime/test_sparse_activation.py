@@ -369,3 +369,59 @@ def test_linear_grad_weight_sparse_many_parts():
     grad_w = kern.linear_grad_weight_sparse(act.indices(), act.values, x.shape, g)
     np.testing.assert_allclose(grad_w, g.T @ xm, rtol=1e-4, atol=1e-4)
     assert isinstance(act, SparseActivations)
+
+
+def assert_same_compression(a: SparseActivations, b: SparseActivations):
+    assert (a.shape, a.encoding, a.kept) == (b.shape, b.encoding, b.kept)
+    np.testing.assert_array_equal(a.indices(), b.indices())
+    np.testing.assert_array_equal(a.values, b.values)  # NaN == NaN here
+
+
+@pytest.mark.parametrize("keep", [0.001, 0.005, 0.01, 0.05])
+def test_sparsifier_reuse_calls_equal_compress(monkeypatch, keep):
+    # the reuse calls may take the one-pass path (compress_one_pass): the same
+    # SparseActivations as compress(x, threshold), also when a batch keeps far more
+    # than the last one (the one pass gives up and falls back), with NaN, ties
+    # at the threshold and -0.0
+    rng = np.random.default_rng(12)
+    outcomes = []
+    one_pass = kern.compress_one_pass
+
+    def counted(*args):
+        out = one_pass(*args)
+        outcomes.append(out is not None)
+        return out
+    monkeypatch.setattr(kern, "compress_one_pass", counted)
+    sparsifier = ActivationSparsifier(keep)
+    scales = [1.0, 1.0, 1.05, 0.9, 3.0, 1.0]
+    for i, scale in enumerate(scales):
+        x = np.maximum(rng.standard_normal((8, 16, 16, 16)), 0).astype(np.float32)
+        x *= np.float32(scale)
+        x.flat[:: 1000 + i] = -0.0
+        if i:
+            x.flat[rng.choice(x.size, 40, replace=False)] = np.float32(
+                sparsifier.threshold)  # ties
+            x.flat[7 * i] = np.nan
+        got = sparsifier(x)
+        assert_same_compression(got, compress(x, sparsifier.threshold,
+                                              limit=None if i else got.kept))
+    if keep <= 0.01:  # few enough kept for the one pass: taken, and given up at x3
+        assert True in outcomes and False in outcomes
+
+
+def test_compress_one_pass_matches_the_two_pass_and_gives_up_past_its_share():
+    rng = np.random.default_rng(13)
+    x = rng.standard_normal(100_003).astype(np.float32)  # not a multiple of a chunk
+    x[5] = np.nan
+    t = float(np.float32(2.5))
+    x[11] = -t  # a tie
+    ref = compress(x, t, encoding="indices")
+    idx, vals = kern.compress_one_pass(x, t, ref.kept)
+    np.testing.assert_array_equal(idx, ref.indices())
+    np.testing.assert_array_equal(vals, ref.values)
+    ro = x.copy()
+    ro.flags.writeable = False
+    np.testing.assert_array_equal(kern.compress_one_pass(ro, t, ref.kept)[0], idx)
+    assert kern.compress_one_pass(x, 0.1, ref.kept) is None  # far more kept
+    empty = kern.compress_one_pass(np.zeros(10, np.float32), 0.0, 0)
+    assert empty[0].size == empty[1].size == 0
