@@ -57,17 +57,25 @@ def _sigs(make):
                                  nb.int64[:, ::1])), **JIT_PARALLEL)
 def _radix_hist(x, shift, mask, prefix_shift, prefix, hist):  # pragma: no cover - compiled
     # hist[p, b] = #{t in part p : (bits(|x[t]|) >> prefix_shift) == prefix and
-    #               (bits >> shift) & mask == b}; prefix_shift 32 matches everything
+    #               (bits >> shift) & mask == b}; prefix_shift 32 matches everything.
+    # uint32 arithmetic over a slice per part: 7.6 -> 5.0 ms for the three passes
+    # over a (32, 64, 32, 32) ReLU output (one thread) against int64 and flat indices
     n = x.size
     n_part = hist.shape[0]
     bits = x.view(np.uint32)
     for p in nb.prange(n_part):
         row = hist[p]
         row[:] = 0
-        for t in range(p * n // n_part, (p + 1) * n // n_part):
-            u = np.int64(bits[t] & np.uint32(0x7FFFFFFF))
-            if (u >> prefix_shift) == prefix:
-                row[(u >> shift) & mask] += 1
+        part = bits[p * n // n_part:(p + 1) * n // n_part]
+        if prefix_shift >= 32:
+            for t in range(part.size):
+                u = part[t] & np.uint32(0x7FFFFFFF)
+                row[(u >> np.uint32(shift)) & np.uint32(mask)] += 1
+        else:
+            for t in range(part.size):
+                u = part[t] & np.uint32(0x7FFFFFFF)
+                if (u >> np.uint32(prefix_shift)) == np.uint32(prefix):
+                    row[(u >> np.uint32(shift)) & np.uint32(mask)] += 1
 
 
 def topk_abs_threshold(x: np.ndarray, k: int, n_part: int) -> float:
