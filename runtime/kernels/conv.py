@@ -454,11 +454,14 @@ def _rows_layout(x: np.ndarray, pt: int, pl: int, n_row: int, n_col: int
 
 def _rows_blocks(n_img: int, n_out: int, img_floats: int) -> tuple[int, int]:
     """(images per chunk, six-output groups per block) for _conv_rows: a chunk fits
-    half the L2 (1 MiB per core here), and there are 4 work items per thread."""
-    nc = max(1, min(n_img, _CHUNK_BYTES // (4 * img_floats)))
+    half the L2 (1 MiB per core here) and divides the batch (prange hands each
+    thread an equal range of work items, so they must be of equal size), and
+    there are at least 8 work items per thread."""
+    most = max(1, min(n_img, _CHUNK_BYTES // (4 * img_floats)))
+    nc = max(d for d in range(1, most + 1) if n_img % d == 0)
     n_grp = _cdiv(n_out, 6)
-    n_chunk = _cdiv(n_img, nc)
-    want = 4 * nb.get_num_threads()
+    n_chunk = n_img // nc
+    want = 8 * nb.get_num_threads()
     ng = n_grp
     while ng > 1 and n_chunk * _cdiv(n_grp, ng) < want:
         ng = _cdiv(ng, 2)
