@@ -1,11 +1,15 @@
 """Benchmark the conv kernels (runtime/kernels/conv.py) against PyTorch CPU.
 
 Usage:  python tools/bench_conv.py [--set r8|r18|all] [--reps 20] [--batch 32]
-                                    [--threads 2] [--no-torch]
+                                    [--threads 2] [--clock wall|cpu] [--no-torch]
 
 Prints one row per layer shape: our forward, our forward+backward (forward,
 grad_weight, grad_input), the same for torch, and ours/torch of fwd+bwd. Every
 time is the median of ``--reps`` calls after two warm-up calls.
+
+``--clock cpu --threads 1`` times the process's CPU time instead and takes the
+minimum: on a loaded machine (other jobs on both cores) wall-clock medians of
+either framework move 2x from run to run, the CPU time of one thread far less.
 
 Torch runs in a separate subprocess (``--torch-worker``): its OpenMP threads spin
 after each call and would slow the NumPy/Numba phase down if they shared a
@@ -19,6 +23,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 from sparsefedpp.tools.timing import time_ms
@@ -42,7 +47,20 @@ def _inputs(shape, batch, rng):
     return x, w, g
 
 
-def bench_ours(shapes, batch, reps):
+def cpu_ms(fn, reps, *, warmup=2):
+    """Minimum process CPU time of ``reps`` calls, in ms (one thread: the time the
+    call ran, whatever else the machine runs)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t = time.process_time()
+        fn()
+        times.append(time.process_time() - t)
+    return min(times) * 1e3
+
+
+def bench_ours(shapes, batch, reps, timer=time_ms):
     from sparsefedpp.runtime.kernels import conv
 
     rng = np.random.default_rng(0)
@@ -59,11 +77,11 @@ def bench_ours(shapes, batch, reps):
             conv.conv2d_grad_weight(x, g, w.shape, s, p)
             conv.conv2d_grad_input(g, w, x.shape, s, p)
 
-        out.append((time_ms(fwd, reps, warmup=2), time_ms(fwd_bwd, reps, warmup=2)))
+        out.append((timer(fwd, reps, warmup=2), timer(fwd_bwd, reps, warmup=2)))
     return out
 
 
-def bench_torch(shapes, batch, reps, threads):
+def bench_torch(shapes, batch, reps, threads, timer=time_ms):
     import torch
 
     torch.set_num_threads(threads)
@@ -83,7 +101,7 @@ def bench_torch(shapes, batch, reps, threads):
             y = torch.nn.functional.conv2d(x, w, stride=s, padding=p)
             y.backward(g)
 
-        out.append((time_ms(fwd, reps, warmup=2), time_ms(fwd_bwd, reps, warmup=2)))
+        out.append((timer(fwd, reps, warmup=2), timer(fwd_bwd, reps, warmup=2)))
     return out
 
 
@@ -97,7 +115,7 @@ def _torch_in_subprocess(args):
         return None
     cmd = [sys.executable, os.path.abspath(__file__), "--torch-worker", "--set",
            args.set, "--reps", str(args.reps), "--batch", str(args.batch),
-           "--threads", str(args.threads)]
+           "--threads", str(args.threads), "--clock", args.clock]
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if res.returncode != 0:
         print(f"torch worker failed:\n{res.stderr}", file=sys.stderr)
@@ -111,21 +129,30 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="wall: median wall time; cpu: minimum process CPU time")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     shapes = SETS[args.set]
+    timer = cpu_ms if args.clock == "cpu" else time_ms
     if args.torch_worker:
-        print(json.dumps(bench_torch(shapes, args.batch, args.reps, args.threads)))
+        print(json.dumps(bench_torch(shapes, args.batch, args.reps, args.threads,
+                                     timer)))
         return 0
     # torch first, in its own process: nothing of torch ever runs in this one
     theirs = None if args.no_torch else _torch_in_subprocess(args)
-    ours = bench_ours(shapes, args.batch, args.reps)
+    if args.threads:
+        import numba
+
+        numba.set_num_threads(args.threads)
+    ours = bench_ours(shapes, args.batch, args.reps, timer)
     head = f"{'C':>4} {'H':>3} {'O':>4} {'k':>2} {'s':>2} | {'ours fwd':>9} " \
            f"{'ours f+b':>9}"
     if theirs:
         head += f" | {'torch fwd':>9} {'torch f+b':>9} | {'f+b ratio':>9}"
-    print(f"N={args.batch}, medians of {args.reps} (ms)")
+    what = "minimum CPU time" if args.clock == "cpu" else "median wall time"
+    print(f"N={args.batch}, {args.threads} threads, {what} of {args.reps} calls (ms)")
     print(head)
     tot = [0.0, 0.0, 0.0, 0.0]
     for i, shape in enumerate(shapes):

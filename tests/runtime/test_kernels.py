@@ -214,6 +214,25 @@ def test_wide_convs_match_reference(geom):
                  ref_conv2d_grad_weight(np.abs(x), np.abs(g), wt.shape, stride, pad))
 
 
+@pytest.mark.parametrize("geom", [
+    # (n, c, o, h, w, k, stride, pad): a grid of >= 8192 floats per thread splits
+    # the rows between threads (partial sums), a short one the output channels
+    (16, 3, 5, 32, 32, 3, 1, 1), (9, 2, 3, 40, 31, 3, 2, 1), (2, 5, 3, 4, 4, 3, 1, 1),
+    (1, 4, 1, 3, 5, 3, 1, 1)])
+def test_conv2d_grad_weight_thread_splits(geom):
+    n, c, o, h, w, k, stride, pad = geom
+    rng = np.random.default_rng(sum(geom))
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    g = rng.standard_normal((n, o, out_len(h, k, stride, pad),
+                             out_len(w, k, stride, pad))).astype(np.float32)
+    kshape = (o, c, k, k)
+
+    gw = conv.conv2d_grad_weight(x, g, kshape, stride, pad)
+
+    assert_close(gw, ref_conv2d_grad_weight(x, g, kshape, stride, pad),
+                 ref_conv2d_grad_weight(np.abs(x), np.abs(g), kshape, stride, pad))
+
+
 @given(size=st.integers(1, 12), k=st.integers(1, 3), stride=st.integers(1, 3),
        pad=st.integers(0, 3))
 def test_out_size_counts_every_window_that_fits(size, k, stride, pad):
