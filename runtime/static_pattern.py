@@ -152,11 +152,19 @@ def conv_grad(pattern: StaticPattern, act, g: np.ndarray, stride: int, pad: int)
     return grad_w.reshape(-1)[pattern.flat], macs
 
 
+#: above this density a Linear's pattern gradient is the dense g.T @ x (BLAS) and a
+#: gather: the per-entry products would need two (N, nnz) temporaries
+LINEAR_DENSE_DENSITY = 0.05
+
+
 def linear_grad(pattern: StaticPattern, act, g: np.ndarray):
     """dL/dw (nnz,) f4 at the pattern of a Linear weight and the MACs: sum over n of
-    g[n, o] x[n, i] per entry (a Linear weight is small: NumPy on the gathered
-    columns)."""
+    g[n, o] x[n, i] per entry, from the gathered columns (NumPy; a Linear weight
+    is small), or the dense product and a gather when the pattern is dense."""
     x = act if isinstance(act, np.ndarray) else act.to_dense()
-    cols = pattern.indices
-    out = np.einsum("ne,ne->e", g[:, pattern.rows], x[:, cols], dtype=np.float32)
-    return np.ascontiguousarray(out, dtype=np.float32), int(g.shape[0]) * pattern.nnz
+    n = int(g.shape[0])
+    if pattern.nnz > LINEAR_DENSE_DENSITY * pattern.size:
+        return (g.T @ x).reshape(-1)[pattern.flat], n * pattern.size
+    out = np.einsum("ne,ne->e", g[:, pattern.rows], x[:, pattern.indices],
+                    dtype=np.float32)
+    return np.ascontiguousarray(out, dtype=np.float32), n * pattern.nnz
