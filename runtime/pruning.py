@@ -45,17 +45,40 @@ def _keep_mask(magnitude: np.ndarray, keep: int) -> np.ndarray:
     return mask
 
 
-def magnitude_masks(model, sparsity: float, scope: str = "global") -> dict[str, np.ndarray]:
+def _floor_sizes(sizes: list[int], floor: int, keep: int) -> list[int]:
+    """Per-layer floors min(k, size) for the largest k <= ``floor`` whose floors fit
+    in the budget ``keep`` (so the total stays exact even when K x layers > keep)."""
+    low, high = 0, floor  # sum(min(k, n)) grows with k: bisect for the largest fit
+    while low < high:
+        mid = (low + high + 1) // 2
+        if sum(min(mid, n) for n in sizes) <= keep:
+            low = mid
+        else:
+            high = mid - 1
+    return [min(low, n) for n in sizes]
+
+
+def magnitude_masks(model, sparsity: float, scope: str = "global", *,
+                    floor: int = 0) -> dict[str, np.ndarray]:
     """Keep-masks (bool, weight-shaped, keyed like the state dict: "conv1.weight")
     for pruning to ``sparsity`` by |w|.
 
     scope "global": one ranking over all conv/linear weights together;
     "layer": every layer pruned to ``sparsity`` on its own.
     Weights that are already zero rank lowest, so they stay pruned.
+
+    ``floor`` K > 0 (beyond the reference, against layer collapse): globally,
+    every layer first keeps its min(K, size) largest weights, taken out of the
+    global budget round((1 - sparsity) * total), which the rest then fills by
+    the global ranking; the total stays exact (when K x layers does not fit the
+    budget, K is lowered to the largest value that fits). Per layer, a layer
+    keeps at least min(K, size) weights (the total may then exceed the budget).
     """
     s = _check_sparsity(sparsity)
     if scope not in SCOPES:
         raise ConfigError(f"pruning scope: expected one of {SCOPES}, got {scope!r}")
+    if isinstance(floor, bool) or int(floor) != floor or floor < 0:
+        raise ConfigError(f"pruning floor: expected an integer >= 0, got {floor!r}")
     layers = prunable_layers(model)
     mags = {name: np.abs(layer.effective_weight()).ravel() for name, layer in layers.items()}
     for name, mag in mags.items():
@@ -63,11 +86,21 @@ def magnitude_masks(model, sparsity: float, scope: str = "global") -> dict[str, 
             raise ConfigError(f"pruning {name}.weight: expected finite weights, got NaN or "
                               "inf (training diverged; lower the learning rate)")
     if scope == "layer":
-        masks = {name: _keep_mask(mag, round((1.0 - s) * mag.size))
+        masks = {name: _keep_mask(mag, max(round((1.0 - s) * mag.size),
+                                           min(floor, mag.size)))
                  for name, mag in mags.items()}
     else:
         flat = np.concatenate(list(mags.values())) if mags else np.zeros(0, np.float32)
-        keep_all = _keep_mask(flat, round((1.0 - s) * flat.size))
+        keep = round((1.0 - s) * flat.size)
+        if floor > 0:
+            floors = _floor_sizes([m.size for m in mags.values()], floor, keep)
+            floored = np.concatenate([_keep_mask(m, f) for m, f in
+                                      zip(mags.values(), floors, strict=True)])
+            rest = np.flatnonzero(~floored)
+            keep_all = floored.copy()
+            keep_all[rest[_keep_mask(flat[rest], keep - int(floored.sum()))]] = True
+        else:
+            keep_all = _keep_mask(flat, keep)
         masks, start = {}, 0
         for name, mag in mags.items():
             masks[name] = keep_all[start:start + mag.size]
@@ -91,9 +124,11 @@ def apply_masks(model, masks: dict[str, np.ndarray]) -> None:
         weight[~mask] = 0.0
 
 
-def prune(model, sparsity: float, scope: str = "global") -> dict[str, int]:
-    """Magnitude-prune the model in place; returns the nonzero count per layer."""
-    apply_masks(model, magnitude_masks(model, sparsity, scope))
+def prune(model, sparsity: float, scope: str = "global", *,
+          floor: int = 0) -> dict[str, int]:
+    """Magnitude-prune the model in place (``floor``: see magnitude_masks);
+    returns the nonzero count per layer."""
+    apply_masks(model, magnitude_masks(model, sparsity, scope, floor=floor))
     return nonzeros(model)
 
 

@@ -114,3 +114,58 @@ def test_weight_driven_policy_follows_weight_sparsity_with_a_floor():
         activation_policy.weight_driven(model, min_keep=0.0)
     with pytest.raises(ConfigError, match="sparsity"):
         activation_policy.fixed(model, 1.0)
+
+
+# ---- layer floor (issue 16, part 2) ------------------------------------------------
+@pytest.mark.parametrize("sparsity, floor", [(0.999, 1), (0.999, 4), (0.999, 1000),
+                                             (0.99, 8), (0.9, 3)])
+def test_floor_never_empties_a_layer_and_keeps_the_exact_total(sparsity, floor):
+    model = models.build("resnet8", seed=5, alpha=1.25)
+    total = _all_weights(model).size
+    masks = pruning.magnitude_masks(model, sparsity, floor=floor)
+    keep = round((1 - sparsity) * total)
+    assert sum(int(m.sum()) for m in masks.values()) == keep
+    assert all(m.any() for m in masks.values()), {n: int(m.sum())
+                                                  for n, m in masks.items()}
+    counts = pruning.prune(model, sparsity, floor=floor)
+    assert sum(counts.values()) == keep and min(counts.values()) >= 1
+
+
+def test_floor_keeps_each_layers_largest_and_the_rest_by_global_rank():
+    model = models.build("resnet8", seed=6, alpha=1.25)
+    layers = pruning.prunable_layers(model)
+    mags = {n: np.abs(la.effective_weight()).ravel() for n, la in layers.items()}
+    masks = pruning.magnitude_masks(model, 0.999, floor=5)
+    floored = {}
+    for n, mag in mags.items():
+        kept = masks[f"{n}.weight"].ravel()
+        assert kept.sum() >= 5
+        top5 = np.sort(mag)[-5:]
+        assert np.all(np.isin(top5, mag[kept]))  # its 5 largest survive
+        floored[n] = kept
+    # beyond the floors, no pruned weight outranks a surviving non-floor weight
+    extra, dropped = [], []
+    for n, mag in mags.items():
+        order = np.argsort(mag)[::-1]
+        kept = floored[n]
+        extra.extend(mag[order[5:]][kept[order[5:]]])
+        dropped.extend(mag[~kept])
+    if extra:
+        assert min(extra) >= max(dropped)
+
+
+def test_global_prune_without_floor_can_empty_a_layer_and_floor_zero_is_today():
+    model = models.build("resnet8", seed=0)
+    plain = pruning.magnitude_masks(model, 0.999)
+    assert any(not m.any() for m in plain.values())  # why the floor exists
+    same = pruning.magnitude_masks(model, 0.999, floor=0)
+    for n, m in plain.items():
+        np.testing.assert_array_equal(same[n], m)
+    layer = pruning.magnitude_masks(model, 0.999, "layer", floor=2)
+    assert all(m.sum() >= 2 for m in layer.values())
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True])
+def test_bad_floor_is_a_config_error(bad):
+    with pytest.raises(ConfigError, match="floor"):
+        pruning.magnitude_masks(models.build("cnn", seed=0, width=0.25), 0.5, floor=bad)
