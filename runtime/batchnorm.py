@@ -191,10 +191,10 @@ class BatchNorm2d(Layer):
         if g.shape != x.shape:
             raise ShapeError(f"{self!r}.backward: expected grad_out of shape "
                              f"{x.shape}, got {tuple(g.shape)}")
-        if mask is not None:  # g' is needed, so written: the plain adjoint on it
-            sum_g, sum_gx, g_masked = norm.bn_mask_grad_sums(g, x, mask, invstd, shift)
+        if mask is not None:  # g' is the residual branch's gradient: written too
+            sum_g, sum_gx = norm.bn_mask_grad_sums(g, x, mask, invstd, shift)
             a, b, k = self._adjoint(sum_g, sum_gx, invstd, used_batch_stats, g.shape)
-            return norm.bn_grad_input(g_masked, x, invstd, shift, a, b, k), g_masked
+            return norm.bn_mask_grad_input(g, x, mask, invstd, shift, a, b, k)
         sum_g, sum_gx = norm.bn_relu_grad_sums(g, x, invstd, shift, scale_f, shift_f)
         a, b, k = self._adjoint(sum_g, sum_gx, invstd, used_batch_stats, g.shape)
         return norm.bn_relu_grad_input(g, x, invstd, shift, scale_f, shift_f, a, b,
