@@ -21,20 +21,34 @@ def _channel_mean_var(x, n_ch, mean, var):  # pragma: no cover - compiled
     # one pass, shifted by the channel's first value k: mean = k + S1/n, var =
     # S2/n - (S1/n)^2 with S1 = sum(x - k), S2 = sum((x - k)^2) in float64. k is a
     # value of the channel, so (k - mean)^2 <= n var: the cancellation costs at
-    # most a factor n of float64 precision (1e-11 relative at n = 32768)
+    # most a factor n of float64 precision (1e-11 relative at n = 32768).
+    # Partial sums per (n, c), in parallel over images, so memory is read in
+    # order (a channel's planes are N*C*H*W/N apart)
     n_planes, hw = x.shape
-    count = n_planes // n_ch * hw
-    for c in prange(n_ch):
-        k = np.float64(x[c, 0])
-        s1 = 0.0
-        s2 = 0.0
-        for p in range(c, n_planes, n_ch):
+    n_img = n_planes // n_ch
+    count = n_img * hw
+    part1 = np.empty((n_img, n_ch))
+    part2 = np.empty((n_img, n_ch))
+    for n in prange(n_img):
+        for c in range(n_ch):
+            p = n * n_ch + c
+            k = np.float64(x[c, 0])
+            s1 = 0.0
+            s2 = 0.0
             for j in range(hw):
                 d = x[p, j] - k
                 s1 += d
                 s2 += d * d
+            part1[n, c] = s1
+            part2[n, c] = s2
+    for c in range(n_ch):
+        s1 = 0.0
+        s2 = 0.0
+        for n in range(n_img):
+            s1 += part1[n, c]
+            s2 += part2[n, c]
         m = s1 / count
-        mean[c] = k + m
+        mean[c] = np.float64(x[c, 0]) + m
         var[c] = max(s2 / count - m * m, 0.0)
 
 
@@ -50,18 +64,31 @@ def _scale_shift(x, scale, shift, n_ch, y):  # pragma: no cover - compiled
 
 @nb.njit("void(f4[:, ::1], f4[:, ::1], f4[::1], f4[::1], i8, f8[::1], f8[::1])", **JIT)
 def _grad_sums(grad_out, x, s, t, n_ch, sum_g, sum_gx):  # pragma: no cover - compiled
-    # xhat = x * s[c] + t[c] in float32, recomputed (not kept from the forward)
+    # xhat = x * s[c] + t[c] in float32, recomputed (not kept from the forward);
+    # partial sums per (n, c) as in _channel_mean_var
     n_planes, hw = x.shape
-    for c in prange(n_ch):
-        sc = s[c]
-        tc = t[c]
-        acc = 0.0
-        accx = 0.0
-        for p in range(c, n_planes, n_ch):
+    n_img = n_planes // n_ch
+    part_g = np.empty((n_img, n_ch))
+    part_gx = np.empty((n_img, n_ch))
+    for n in prange(n_img):
+        for c in range(n_ch):
+            p = n * n_ch + c
+            sc = s[c]
+            tc = t[c]
+            acc = 0.0
+            accx = 0.0
             for j in range(hw):
                 g = grad_out[p, j]
                 acc += g
                 accx += g * (x[p, j] * sc + tc)
+            part_g[n, c] = acc
+            part_gx[n, c] = accx
+    for c in range(n_ch):
+        acc = 0.0
+        accx = 0.0
+        for n in range(n_img):
+            acc += part_g[n, c]
+            accx += part_gx[n, c]
         sum_g[c] = acc
         sum_gx[c] = accx
 
@@ -167,21 +194,34 @@ def _bn_relu_forward(x, scale, shift, res, has_res, n_ch, y,
 def _bn_relu_grad_sums(g, x, s, t, fs, ft, n_ch, sum_g,
                        sum_gx):  # pragma: no cover - compiled
     # g' = g * (x*fs[c] + ft[c] > 0) (the forward's ReLU input, recomputed);
-    # per channel sum(g') and sum(g' * xhat), xhat = x*s[c] + t[c]
+    # per channel sum(g') and sum(g' * xhat), xhat = x*s[c] + t[c]. Partial
+    # sums per (n, c), in parallel over images: memory is read in order
     n_planes, hw = x.shape
-    for c in prange(n_ch):
-        sc = s[c]
-        tc = t[c]
-        a = fs[c]
-        b = ft[c]
-        acc = 0.0
-        accx = 0.0
-        for p in range(c, n_planes, n_ch):
+    n_img = n_planes // n_ch
+    part_g = np.empty((n_img, n_ch))
+    part_gx = np.empty((n_img, n_ch))
+    for n in prange(n_img):
+        for c in range(n_ch):
+            p = n * n_ch + c
+            sc = s[c]
+            tc = t[c]
+            a = fs[c]
+            b = ft[c]
+            acc = 0.0
+            accx = 0.0
             for j in range(hw):
                 v = x[p, j] * a + b
                 gv = g[p, j] * np.float32(v > 0)
                 acc += gv
                 accx += gv * (x[p, j] * sc + tc)
+            part_g[n, c] = acc
+            part_gx[n, c] = accx
+    for c in range(n_ch):
+        acc = 0.0
+        accx = 0.0
+        for n in range(n_img):
+            acc += part_g[n, c]
+            accx += part_gx[n, c]
         sum_g[c] = acc
         sum_gx[c] = accx
 
@@ -190,18 +230,31 @@ def _bn_relu_grad_sums(g, x, s, t, fs, ft, n_ch, sum_g,
          " f8[::1])", **JIT)
 def _bn_mask_grad_sums(g, x, mask, s, t, n_ch, sum_g,
                        sum_gx):  # pragma: no cover - compiled
-    # per channel sum(g') and sum(g' * xhat), g' = g * mask, xhat = x*s[c] + t[c]
+    # per channel sum(g') and sum(g' * xhat), g' = g * mask, xhat = x*s[c] + t[c];
+    # partial sums per (n, c) as in _bn_relu_grad_sums
     n_planes, hw = x.shape
-    for c in prange(n_ch):
-        sc = s[c]
-        tc = t[c]
-        acc = 0.0
-        accx = 0.0
-        for p in range(c, n_planes, n_ch):
+    n_img = n_planes // n_ch
+    part_g = np.empty((n_img, n_ch))
+    part_gx = np.empty((n_img, n_ch))
+    for n in prange(n_img):
+        for c in range(n_ch):
+            p = n * n_ch + c
+            sc = s[c]
+            tc = t[c]
+            acc = 0.0
+            accx = 0.0
             for j in range(hw):
                 gv = g[p, j] * np.float32(mask[p, j])
                 acc += gv
                 accx += gv * (x[p, j] * sc + tc)
+            part_g[n, c] = acc
+            part_gx[n, c] = accx
+    for c in range(n_ch):
+        acc = 0.0
+        accx = 0.0
+        for n in range(n_img):
+            acc += part_g[n, c]
+            accx += part_gx[n, c]
         sum_g[c] = acc
         sum_gx[c] = accx
 
