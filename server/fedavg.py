@@ -1,6 +1,8 @@
 """FedAvg over sparse client models, with seeded client sampling, a quorum, update
 screening (a norm bound on each update's change), an optional robust aggregator
-and an optional magnitude pruning of the global model (SparseFedPP's downlink)."""
+an optional magnitude pruning of the global model (ours, not the reference's: off
+unless ``prune_to``), and evaluation of the global model as is and of a copy pruned
+to the method's sparsity (the seed's "accuracy at S")."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 from sparsefedpp.runtime.errors import ConfigError, DTypeError, ShapeError
-from sparsefedpp.runtime.pruning import SCOPES, nonzeros, prune
+from sparsefedpp.runtime.pruning import SCOPES, global_sparsity, nonzeros, prune
 
 from . import robust
 from .aggregate import Accumulator
@@ -162,7 +164,19 @@ class FedAvg(Strategy):
         in [0, 1), so the downlink model is sparse: all together (``prune_scope``
         "global", SparseFedPP and Top-k) or each layer on its own ("layer",
         ZeroFL's per-layer top-k). BatchNorm tensors and biases are not pruned.
-        Needs ``prune_model``.
+        Needs ``prune_model``. Not what the reference does (its server is plain
+        FedAvg of the clients' pruned models); re-pruning the aggregate every
+        round compounds the client masks. Default None: no server pruning.
+    eval_pruned : float, optional
+        The method's sparsity S: ``evaluate_global`` (every evaluated round) also
+        scores a copy of the global model pruned globally to S, under the key
+        suffix ``_pruned`` (``accuracy_pruned``, ``loss_pruned``,
+        ``nonzeros_pruned``). Needs ``evaluate_fn`` and ``prune_model``.
+    prune_floor : int
+        Every pruning this strategy does (``prune_to``, ``eval_pruned``,
+        ``eval_sparsities``) keeps at least min(prune_floor, size) weights per
+        layer (``runtime.pruning.magnitude_masks`` ``floor``); 0 (default): plain
+        global magnitude pruning, the reference's.
     prune_model : runtime Model, optional
         Scratch model of the clients' architecture, used for pruning via
         ``load_state_dict``/``state_dict`` and ``runtime.pruning.prune``; its
@@ -203,7 +217,8 @@ class FedAvg(Strategy):
     def __init__(self, *, per_round: int, min_clients: int = 1, seed: int = 0,
                  round_config: Callable[[int], dict] | None = None,
                  prune_to: float | None = None, prune_scope: str = "global",
-                 prune_model=None,
+                 prune_model=None, eval_pruned: float | None = None,
+                 prune_floor: int = 0,
                  evaluate_fn: Callable[[Tensors], dict] | None = None,
                  eval_sparsities: tuple = (), initial: Tensors | None = None,
                  aggregator: str = "fedavg", trim: float = 0.1,
@@ -226,23 +241,31 @@ class FedAvg(Strategy):
             raise ConfigError(f"FedAvg prune_scope: expected one of {SCOPES}, got "
                               f"{prune_scope!r}")
         self.prune_scope = prune_scope
+        self.eval_pruned = (None if eval_pruned is None
+                            else _check_fraction(eval_pruned, "eval_pruned",
+                                                 allow_one=False))
+        self.prune_floor = _check_int(prune_floor, "prune_floor", 0)
         self.eval_sparsities = tuple(
             _check_fraction(s, "eval_sparsities", allow_one=True)
             for s in eval_sparsities)
         if len({f"{s:g}" for s in self.eval_sparsities}) != len(self.eval_sparsities):
             raise ConfigError(f"FedAvg eval_sparsities: expected distinct levels, got "
                               f"{self.eval_sparsities}")
-        if self.eval_sparsities and evaluate_fn is None:
-            raise ConfigError("FedAvg eval_sparsities: expected an evaluate_fn too, "
-                              "got none")
-        needs_model = self.prune_to is not None or self.eval_sparsities
+        for what, wanted in (("eval_sparsities", self.eval_sparsities),
+                             ("eval_pruned", self.eval_pruned is not None)):
+            if wanted and evaluate_fn is None:
+                raise ConfigError(f"FedAvg {what}: expected an evaluate_fn too, "
+                                  "got none")
+        needs_model = (self.prune_to is not None or self.eval_sparsities
+                       or self.eval_pruned is not None)
         if prune_model is not None and not all(
                 hasattr(prune_model, a) for a in ("load_state_dict", "state_dict")):
             raise ConfigError(f"FedAvg prune_model: expected a runtime Model, got "
                               f"{type(prune_model).__name__}")
         if needs_model and prune_model is None:
             raise ConfigError("FedAvg prune_model: expected a model to prune with "
-                              "(prune_to or eval_sparsities is set), got None; pass "
+                              "(prune_to, eval_pruned or eval_sparsities is set), got "
+                              "None; pass "
                               "models.build(...) of the clients' architecture")
         self.prune_model = prune_model
         self.aggregator, self.trim = robust.check_aggregator(aggregator, trim)
@@ -424,19 +447,38 @@ class FedAvg(Strategy):
         """A copy of ``tensors`` magnitude-pruned to ``sparsity`` (global or per-layer
         scope), and the nonzero count per conv/linear layer."""
         self.prune_model.load_state_dict(tensors)
-        counts = prune(self.prune_model, sparsity, scope)
+        counts = prune(self.prune_model, sparsity, scope, floor=self.prune_floor)
         state = self.prune_model.state_dict()
         return {name: state[name] for name in tensors}, counts
 
+    def evaluate_global(self, tensors: Tensors) -> dict:
+        """What every evaluated round records: ``evaluate_fn(tensors)`` of the
+        global model as is, its ``density`` (nonzero share of the conv/linear
+        weights) and, with ``eval_pruned`` S, the metrics of a copy pruned globally
+        to S (``<key>_pruned``, ``nonzeros_pruned`` per layer); {} without an
+        evaluate_fn."""
+        if self.evaluate_fn is None:
+            return {}
+        metrics = dict(self.evaluate_fn(tensors))
+        if self.prune_model is None:
+            return metrics
+        self.prune_model.load_state_dict(tensors)
+        metrics.setdefault("nonzeros", nonzeros(self.prune_model))
+        metrics["density"] = 1.0 - global_sparsity(self.prune_model)
+        if self.eval_pruned is not None:
+            pruned, pruned_counts = self._pruned(tensors, self.eval_pruned)
+            for key, value in self.evaluate_fn(pruned).items():
+                metrics[f"{key}_pruned"] = value
+            metrics["nonzeros_pruned"] = pruned_counts
+        return metrics
+
     def evaluate(self, rnd: int, tensors: Tensors) -> dict | None:
-        """``evaluate_fn(tensors)``, plus its metrics at every ``eval_sparsities``
-        level under the key suffix ``@<sparsity>``; None without an evaluate_fn."""
+        """``evaluate_global(tensors)``, plus its metrics at every
+        ``eval_sparsities`` level under the key suffix ``@<sparsity>``; None
+        without an evaluate_fn."""
         if self.evaluate_fn is None:
             return None
-        metrics = dict(self.evaluate_fn(tensors))
-        if self.prune_model is not None:
-            self.prune_model.load_state_dict(tensors)
-            metrics.setdefault("nonzeros", nonzeros(self.prune_model))
+        metrics = self.evaluate_global(tensors)
         for s in self.eval_sparsities:
             pruned, counts = self._pruned(tensors, s)
             for key, value in self.evaluate_fn(pruned).items():

@@ -5,7 +5,10 @@ settings under the names of ``sparsefedpp simulate`` (method, sparsity, model,
 rounds, per_round, min_clients, lr, ...; ``data`` is the aggregator's evaluation
 data, which also fixes the classes and the normalisation), ``[deployment]`` the
 service settings of ``ServiceConfig`` (devices, state_dir, round_timeout,
-on_no_quorum, ...). docs/protocol.md has an example.
+on_no_quorum, ...). docs/protocol.md has an example. As in the reference, the
+aggregate is not pruned again (``server_prune = true`` does, ours); every
+evaluated round records the global model's accuracy as is, its density and the
+accuracy of its copy pruned to the method's sparsity (``accuracy_pruned``).
 """
 
 from __future__ import annotations

@@ -7,9 +7,18 @@ to bytes, counted, and decoded on the other side, exactly as over MQTT.
 Round r: the strategy samples clients; the global model is encoded once (downlink
 bytes = its size times the clients of the round); each client decodes it, trains
 one round (trainer/client.py) and encodes its update; the server decodes the
-updates, runs FedAvg weighted by sample counts, prunes the result to the method's
-sparsity (sparse methods) and evaluates it. The learning rate decays
-exponentially over the run: lr_r = lr0 * (lr_end / lr0) ** (r / (R - 1)).
+updates, runs FedAvg weighted by sample counts and evaluates the result as is and
+pruned globally to the method's sparsity (``accuracy_pruned``). As in the reference
+(SparsyFed), the server does not prune the aggregate: each client prunes its own
+model to the full target after every local round. ``server_prune`` (ours, not the
+reference's) re-prunes the aggregate every round, which compounds the client
+masks. ``layer_floor`` K (beyond the reference, against layer collapse) makes every
+pruning keep at least min(K, size) weights per conv/linear layer. The learning rate
+decays exponentially over the run: lr_r = lr0 * (lr_end / lr0) ** (r / (R - 1)).
+
+``state()`` / ``restore()`` carry what a resumed run needs (the global tensors,
+the screening reference); the client sampling, the clients' seeds and their data
+order depend only on (seed, round, client), so nothing else needs saving.
 
 Poisoned federations, for measuring robust aggregation: ``attackers`` = K makes
 clients 0 .. K-1 send a poisoned model instead of their trained one
@@ -77,6 +86,8 @@ class SimConfig:
     mask_ratio: float = 0.0
     min_keep: float = 0.05
     encoding: str = "csr"
+    server_prune: bool = False          # ours: re-prune the aggregate every round
+    layer_floor: int = 0                # beyond the reference: weights per layer kept
     min_clients: int = 1
     eval_every: int = 1
     eval_sparsities: tuple = EVAL_SPARSITIES
@@ -96,12 +107,14 @@ class SimConfig:
     def __post_init__(self):
         if self.sparsity is None:  # frozen: resolve the default in place
             object.__setattr__(self, "sparsity", 0.0 if self.method == "fedavg" else 0.9)
-        MethodConfig(self.method, self.sparsity, self.mask_ratio, self.min_keep)
+        MethodConfig(self.method, self.sparsity, self.mask_ratio, self.min_keep,
+                     layer_floor=self.layer_floor)
         checks = (("clients", self.clients, 1), ("per_round", self.per_round, 1),
                   ("rounds", self.rounds, 1), ("epochs", self.epochs, 1),
                   ("batch_size", self.batch_size, 1), ("eval_every", self.eval_every, 1),
                   ("workers", self.workers, 1), ("min_clients", self.min_clients, 1),
-                  ("max_examples", self.max_examples, 1))
+                  ("max_examples", self.max_examples, 1),
+                  ("layer_floor", self.layer_floor, 0))
         for name, value, low in checks:
             if int(value) != value or value < low:
                 raise ConfigError(f"simulate {name}: expected an integer >= {low}, got "
@@ -124,13 +137,17 @@ class SimConfig:
             raise ConfigError(f"simulate attack: expected attackers > 0 with an attack "
                               f"and 0 without, got attack {self.attack!r} and "
                               f"{self.attackers} attackers")
+        if not isinstance(self.server_prune, bool):
+            raise ConfigError(f"simulate server_prune: expected true or false, got "
+                              f"{self.server_prune!r}")
         if self.attack_scale is not None and not 0 < self.attack_scale < math.inf:
             raise ConfigError(f"simulate attack_scale: expected a finite number > 0, "
                               f"got {self.attack_scale!r}")
 
     @property
     def method_config(self) -> MethodConfig:
-        return MethodConfig(self.method, self.sparsity, self.mask_ratio, self.min_keep)
+        return MethodConfig(self.method, self.sparsity, self.mask_ratio, self.min_keep,
+                            layer_floor=self.layer_floor)
 
     @property
     def local_config(self) -> LocalConfig:
@@ -204,9 +221,12 @@ def client_task(client: int, rnd: int, lr: float, model_bytes: bytes) -> bytes:
     tensors = update.tensors
     if client < config.attackers:
         tensors = poison(tensors, msg.tensors, config.attack, config.attack_factor)
+    # the clock stays out of the upload, so bytes_up is the same in every run of
+    # a configuration (a resumed one too)
+    meta = {k: v for k, v in update.metrics.items() if k != "train_seconds"}
     reply = codec.Message(kind="update", round=rnd, sender=f"client-{client}",
                           method=config.method, tensors=tensors,
-                          num_examples=update.num_examples, meta=update.metrics)
+                          num_examples=update.num_examples, meta=meta)
     return codec.encode(reply, config.encoding)
 
 
@@ -268,6 +288,23 @@ class Simulation:
         """The current global model as a Model (for checkpoints and export)."""
         self.eval_model.load_state_dict(self.global_tensors)
         return self.eval_model
+
+    def state(self) -> dict[str, np.ndarray]:
+        """What a resumed run needs beyond its config and round: the global tensors
+        (also the screening reference; sampling and client seeds are functions of
+        (seed, round, client) and need no state)."""
+        return self.global_tensors
+
+    def restore(self, tensors: dict[str, np.ndarray]) -> None:
+        """Continue from a saved ``state()`` (names, shapes and dtypes checked)."""
+        like = self.eval_model.state_dict()
+        problem = robust.tensors_problem(tensors, like)
+        if problem:
+            raise ConfigError(f"simulate resume: the saved global model does not fit "
+                              f"the configured model: {problem}")
+        self.global_tensors = {k: np.array(tensors[k]) for k in like}
+        self.strategy.set_global(self.global_tensors)
+        self.eval_model.load_state_dict(self.global_tensors)
 
     def run_round(self, rnd: int) -> RoundRecord:
         c = self.config
@@ -332,9 +369,11 @@ def client_parts(train: Dataset, clients: int, lda_alpha: float | None, *,
 
 def server_side(c: SimConfig, test: Dataset):
     """The aggregator's model (initial global weights, seeded), its FedAvg strategy
-    (screening, aggregator; its global model starts as the model's weights)
-    and ``evaluate_fn(tensors)`` (test loss and accuracy of a global model, on
-    that model), as the simulation and ``sparsefedpp serve`` both build them."""
+    (screening, aggregator; its global model starts as the model's weights; no
+    pruning of the aggregate unless ``server_prune``) and ``evaluate_fn(tensors)``
+    (test loss and accuracy of a global model as is, its density, and the same
+    metrics of a copy pruned globally to the method's sparsity, ``*_pruned``), as
+    the simulation and ``sparsefedpp serve`` both build them."""
     model = models.build(c.model, num_classes=len(test.classes), width=c.width,
                          alpha=c.model_alpha, in_channels=test.images.shape[1],
                          seed=c.seed)
@@ -343,15 +382,17 @@ def server_side(c: SimConfig, test: Dataset):
         model.load_state_dict(tensors)
         return evaluate(model, test)
 
-    prune_to = c.method_config.sparsity if c.method != "fedavg" else None
+    sparsity = c.method_config.sparsity if c.method != "fedavg" else None
     strategy = FedAvg(per_round=c.per_round, min_clients=c.min_clients, seed=c.seed,
-                      prune_to=prune_to or None, prune_scope=c.method_config.prune_scope,
+                      prune_to=(sparsity or None) if c.server_prune else None,
+                      prune_scope=c.method_config.prune_scope,
                       prune_model=model, evaluate_fn=evaluate_fn,
+                      eval_pruned=sparsity or None, prune_floor=c.layer_floor,
                       eval_sparsities=tuple(c.eval_sparsities),
                       initial=model.state_dict(), aggregator=c.aggregator, trim=c.trim,
                       screen_median=c.screen_median, screen_global=c.screen_global,
                       max_examples=c.max_examples)
-    return model, strategy, evaluate_fn
+    return model, strategy, strategy.evaluate_global
 
 
 def device_round_config(c: SimConfig, rnd: int, test: Dataset) -> dict:

@@ -44,6 +44,7 @@ class MethodConfig:
     mask_ratio: float = 0.0     # ZeroFL: extra upload density above 1 - sparsity
     min_keep: float = 0.05      # SparseFedPP: floor on the kept activation fraction
     swat_refresh: int = 10      # ZeroFL: activation/weight threshold refresh period
+    layer_floor: int = 0        # not the reference: weights every layer keeps (0 off)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -57,6 +58,10 @@ class MethodConfig:
         if not 0.0 <= self.mask_ratio <= self.sparsity:
             raise ConfigError(f"mask_ratio: expected a fraction in [0, sparsity], got "
                               f"{self.mask_ratio!r}")
+        floor = self.layer_floor
+        if isinstance(floor, bool) or int(floor) != floor or floor < 0:
+            raise ConfigError(f"layer_floor: expected an integer >= 0, got "
+                              f"{self.layer_floor!r}")
 
     @property
     def prune_scope(self) -> str:
@@ -106,10 +111,12 @@ def prepare(model, method: MethodConfig) -> dict[str, float]:
 
 
 def finish(model, method: MethodConfig) -> dict[str, int]:
-    """Post-training pruning of the upload; returns nonzeros per layer."""
+    """Post-training pruning of the upload to the full target (every round, no
+    schedule, no error feedback, as the reference); ``layer_floor`` keeps that
+    many weights in every layer. Returns nonzeros per layer."""
     s = method.upload_sparsity
     if method.method != "fedavg" and s > 0:
-        return pruning.prune(model, s, method.prune_scope)
+        return pruning.prune(model, s, method.prune_scope, floor=method.layer_floor)
     return pruning.nonzeros(model)
 
 

@@ -7,7 +7,7 @@ import logging
 
 import numpy as np
 import pytest
-from sparsefedpp.runtime import models
+from sparsefedpp.runtime import models, pruning
 from sparsefedpp.runtime.errors import ConfigError
 from sparsefedpp.server.aggregate import weighted_mean
 from sparsefedpp.server.fedavg import FedAvg
@@ -183,6 +183,53 @@ def test_prune_scope_layer_prunes_every_layer_on_its_own(client_states, model,
         FedAvg(per_round=3, prune_to=0.9, prune_scope="channel", prune_model=model)
 
 
+def _pruned_states(states: list[dict], sparsity: float) -> list[dict]:
+    """The clients' models after their own global pruning (different masks)."""
+    out = []
+    for state in states:
+        m = models.build("resnet8", seed=0)
+        m.load_state_dict(state)
+        pruning.prune(m, sparsity)
+        out.append(m.state_dict())
+    return out
+
+
+def test_by_default_the_aggregate_of_pruned_models_is_not_pruned_again(client_states,
+                                                                        model, prunable):
+    pruned = _pruned_states(client_states, 0.9)  # as the reference: clients prune
+    strategy = FedAvg(per_round=3, prune_model=model)
+
+    got = strategy.aggregate(0, _results(pruned), [])
+
+    want = weighted_mean([(s, n) for s, n in zip(pruned, (500, 300, 200), strict=True)])
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name])
+    assert _sparsity(got, prunable) < 0.9 - 0.05  # the union of three masks
+
+
+def test_evaluate_global_scores_the_model_as_is_and_pruned_to_s(client_states, model,
+                                                                prunable):
+    def evaluate_fn(tensors):
+        return {"sparsity": _sparsity(tensors, prunable), "accuracy": 0.5}
+
+    strategy = FedAvg(per_round=1, prune_model=model, evaluate_fn=evaluate_fn,
+                      eval_pruned=0.999, prune_floor=3, eval_sparsities=(0.99,))
+
+    every_round = strategy.evaluate_global(client_states[0])
+    last_round = strategy.evaluate(3, client_states[0])
+
+    for metrics in (every_round, last_round):
+        assert metrics["sparsity"] == 0.0 and metrics["density"] == 1.0
+        assert metrics["sparsity_pruned"] == pytest.approx(0.999, abs=1e-5)
+        assert metrics["accuracy_pruned"] == 0.5
+        counts = metrics["nonzeros_pruned"]
+        assert sum(counts.values()) == round(0.001 * NUM_WEIGHTS)
+        assert min(counts.values()) >= 3  # the floor: no layer emptied
+    assert "accuracy@0.99" in last_round and "accuracy@0.99" not in every_round
+    assert min(last_round["nonzeros@0.99"].values()) >= 3
+    assert FedAvg(per_round=1).evaluate_global(client_states[0]) == {}
+
+
 # -------------------------------------------------------------------- evaluation
 def test_evaluate_without_evaluate_fn_is_none(client_states):
     assert FedAvg(per_round=1).evaluate(0, client_states[0]) is None
@@ -223,6 +270,10 @@ def test_eval_sparsities_score_pruned_copies(client_states, model, prunable):
     {"per_round": 2, "prune_to": 1.0, "prune_model": "model"},
     {"per_round": 2, "prune_to": float("nan")},
     {"per_round": 2, "eval_sparsities": (0.9,)},  # no evaluate_fn
+    {"per_round": 2, "eval_pruned": 0.9},  # no evaluate_fn
+    {"per_round": 2, "eval_pruned": 0.9, "evaluate_fn": dict},  # no prune_model
+    {"per_round": 2, "eval_pruned": 1.0, "evaluate_fn": dict, "prune_model": "m"},
+    {"per_round": 2, "prune_floor": -1},
     {"per_round": 2, "eval_sparsities": (1.5,), "evaluate_fn": dict},
     {"per_round": 2, "evaluate_fn": "accuracy"},
     {"per_round": 2, "aggregator": "krum"},

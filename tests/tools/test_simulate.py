@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 import pytest
-from sparsefedpp.runtime import checkpoint
+from sparsefedpp.runtime import checkpoint, pruning
 from sparsefedpp.tools import cli
 from sparsefedpp.tools.metrics import read_metrics
 
@@ -39,10 +39,17 @@ def test_each_method_learns(tmp_path, method, sparsity):
     assert "accuracy@0.9" in final
     assert all(r["bytes_up"] > 0 and r["bytes_down"] > 0 for r in rounds)
     assert rounds[-1]["cum_bytes_up"] == sum(r["bytes_up"] for r in rounds)
-    if sparsity != "0":
-        assert rounds[-1]["global_sparsity"] == pytest.approx(0.7, abs=0.002)
+    if sparsity != "0":  # the server does not re-prune: the union of client masks
+        assert 0.0 < rounds[-1]["global_sparsity"] <= 0.7 + 0.002
+        assert final["density"] == pytest.approx(1 - rounds[-1]["global_sparsity"])
+        assert all("accuracy_pruned" in r["eval"] for r in rounds)
+    else:
+        assert "accuracy_pruned" not in final
     model, meta = checkpoint.load(out / "model.npz")
     assert meta["round"] == 3 and model.name == "resnet8"
+    if sparsity != "0":  # the pruned copy holds exactly (1 - S) of the weights
+        total = sum(la.weight.size for la in pruning.prunable_layers(model).values())
+        assert sum(final["nonzeros_pruned"].values()) == round(0.3 * total)
 
 
 def test_uplink_bytes_fall_as_sparsity_rises(tmp_path):
@@ -175,3 +182,113 @@ def test_serve_takes_the_aggregator_but_not_the_attack(tmp_path):
                     + dep)
     with pytest.raises(ConfigError, match="unknown keys \\['attack', 'attackers'\\]"):
         load_config(str(path))
+
+
+# ------------------------------------------- issue 16: reference methods, resume
+TINY = ["--model", "resnet8", "--width", "0.25", "--data", "fashion-mnist",
+        "--clients", "8", "--per-round", "4", "--rounds", "4", "--limit", "800",
+        "--test-limit", "200", "--lr", "0.2", "--lr-end", "0.05", "--eval-sparsities",
+        "0.9", "--quiet"]
+
+
+@pytest.mark.parametrize("method", ["fedavg", "topk", "zerofl", "sparsefedpp"])
+def test_each_method_runs_two_rounds_on_a_tiny_model(tmp_path, method):
+    flags = ["--method", method] + ([] if method == "fedavg" else ["--sparsity", "0.9"])
+    events, rounds, _ = _simulate(tmp_path, method, *flags, "--rounds", "2",
+                                  common=TINY)
+    assert len(rounds) == 2 and all(np.isfinite(r["train_loss"]) for r in rounds)
+    assert all(r["eval"]["accuracy"] >= 0 and "density" in r["eval"] for r in rounds)
+    assert events[-1]["event"] == "end" and "accuracy@0.9" in events[-1]["final"]
+
+
+def test_server_prune_is_an_option_and_off_by_default(tmp_path):
+    _, plain, _ = _simulate(tmp_path, "plain", "--method", "topk", "--sparsity", "0.9",
+                            "--rounds", "2", common=TINY)
+    events, pruned, _ = _simulate(tmp_path, "pruned", "--method", "topk", "--sparsity",
+                                  "0.9", "--rounds", "2", "--server-prune", common=TINY)
+    assert events[0]["config"]["server_prune"] is True
+    # clients upload 90 % sparse models; their average is denser unless re-pruned
+    assert all(r["global_sparsity"] < 0.89 for r in plain)
+    assert all(r["global_sparsity"] == pytest.approx(0.9, abs=1e-4) for r in pruned)
+    # what goes down is the encoded global model: the denser one costs more
+    assert plain[1]["bytes_down"] > pruned[1]["bytes_down"]
+
+
+def test_layer_floor_keeps_every_layer_in_the_uploads_and_the_pruned_copy(tmp_path):
+    events, rounds, _ = _simulate(tmp_path, "floor", "--method", "topk", "--sparsity",
+                                  "0.99", "--layer-floor", "2", "--rounds", "1",
+                                  "--eval-sparsities", common=TINY)
+    assert events[0]["config"]["layer_floor"] == 2
+    assert min(rounds[0]["nonzeros"].values()) >= 1  # the average of the uploads
+    assert min(rounds[0]["eval"]["nonzeros_pruned"].values()) >= 2
+
+
+def _comparable(events):
+    """Round and end events without what depends on the clock."""
+    out = []
+    for e in events:
+        if e["event"] in ("round", "end"):
+            e = {k: v for k, v in e.items()
+                 if k not in ("time", "seconds", "elapsed_seconds")}
+            out.append(json.dumps(e, sort_keys=True))
+    return out
+
+
+def _final_tensors(out):
+    with np.load(out / "resume.npz") as z:
+        return {k: z[k] for k in z.files if k.startswith("tensor.")}
+
+
+def test_resume_after_two_rounds_equals_four_rounds_straight(tmp_path, monkeypatch):
+    from sparsefedpp.tools import simulate
+
+    flags = ["--method", "sparsefedpp", "--sparsity", "0.8"]
+    straight, _, out_a = _simulate(tmp_path, "straight", *flags, common=TINY)
+    out_b = tmp_path / "resumed"
+    real = simulate.Simulation.run_round
+
+    def interrupted(self, rnd):
+        if rnd == 2:
+            raise KeyboardInterrupt
+        return real(self, rnd)
+
+    monkeypatch.setattr(simulate.Simulation, "run_round", interrupted)
+    assert cli.main(["simulate", *TINY, *flags, "--out", str(out_b)]) == 130
+    monkeypatch.setattr(simulate.Simulation, "run_round", real)
+    with open(out_b / "metrics.jsonl", "ab") as f:  # a line torn by the crash
+        f.write(b'{"event": "round", "round": 3, "lr": 0.')
+    assert cli.main(["simulate", "--resume", str(out_b), "--quiet"]) == 0
+    resumed = read_metrics(out_b / "metrics.jsonl")
+
+    assert [e["event"] for e in resumed].count("resume") == 1
+    assert _comparable(resumed) == _comparable(straight)
+    a, b = _final_tensors(out_a), _final_tensors(out_b)
+    assert a.keys() == b.keys()
+    assert all(a[k].dtype == b[k].dtype and a[k].tobytes() == b[k].tobytes() for k in a)
+    # a finished run is left alone
+    size = (out_b / "metrics.jsonl").stat().st_size
+    assert cli.main(["simulate", "--resume", str(out_b), "--quiet"]) == 0
+    assert (out_b / "metrics.jsonl").stat().st_size == size
+
+
+def test_resume_refuses_another_configuration_and_names_the_field(tmp_path, capsys):
+    _, _, out = _simulate(tmp_path, "run", "--method", "topk", "--sparsity", "0.9",
+                          "--rounds", "1", common=TINY)
+    capsys.readouterr()
+    assert cli.main(["simulate", "--resume", str(out), "--rounds", "3",
+                     "--lr", "0.3", "--quiet"]) == 12
+    err = capsys.readouterr().err
+    assert "rounds: saved 1, now 3" in err and "lr: saved 0.2, now 0.3" in err
+    # the same flags again are fine (a sweep passes all of them)
+    assert cli.main(["simulate", "--resume", str(out), *TINY, "--rounds", "1",
+                     "--method", "topk", "--sparsity", "0.9"]) == 0
+
+
+def test_resume_of_a_folder_without_a_finished_round_starts_over(tmp_path):
+    out = tmp_path / "fresh"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"event": "start", "command": "simul')
+    assert cli.main(["simulate", "--resume", str(out), *TINY, "--method", "topk",
+                     "--sparsity", "0.9", "--rounds", "1"]) == 0
+    events = read_metrics(out / "metrics.jsonl")
+    assert [e["event"] for e in events] == ["start", "round", "end"]
