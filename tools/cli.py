@@ -10,7 +10,7 @@ from sparsefedpp.runtime.errors import SparseFedError
 
 COMMANDS = ("train", "evaluate", "simulate", "report", "bench", "bench-sparse", "cost",
             "export", "predict", "partition", "serve", "client", "bench-mqtt", "warmup",
-            "bench-memory")
+            "bench-memory", "sweep")
 
 
 def build_parser() -> argparse.ArgumentParser:
