@@ -12,6 +12,16 @@ The layer owns the pattern and drops it whenever v may change from outside
 training (load_state_dict and freeze/unfreeze via ``_Weighted.unfreeze``, a new
 weight array, a kernel, alpha or weight_keep change). The optimizer finds a
 parameter's layer with ``owner_of`` (the optimizer only sees arrays).
+
+Measured (2026-12-03, machine loaded by other jobs, load 6-9 on 2 cores, so only
+paired figures mean much; "before" = the same tree with MAX_DENSITY = 0):
+``sparsefedpp bench-sparse --models resnet18 --sparsity 0.99 0.999 --repeats 10``
+99 %: 0.29x -> 0.14x torch's dense step, peak RSS 445 -> 363 MB; 99.9 %: 0.28x
+-> 0.07x, 443 -> 347 MB; ``--models resnet8 --sparsity 0.99``: 0.62x -> 0.23x.
+``tools/profile_step.py --model resnet18 --sparsity 0.999 --steps 6``: step
+1246 -> 764 ms; grad weight 306 -> 16, weight prep 137 -> 2.5, SGD 83 -> 2.7
+ms. One local round's peak RSS (ResNet-18, momentum 0.9, weights loaded): 99 %
+466 -> 381 MB, 99.9 % 456 -> 358 MB (momentum 42.6 -> 0.5 MiB).
 """
 
 from __future__ import annotations
