@@ -472,7 +472,9 @@ class Conv2d(_Weighted):
         self._record_forward(x, y, w, dw_dv, m, self._keep_input(x, train, grad), pat)
         return y
 
-    def backward(self, grad_out):
+    def backward(self, grad_out, input_grad: bool = True):
+        """``input_grad=False`` skips dL/dx (returns None): a model's first conv,
+        whose input is the image, as PyTorch skips it for inputs without grad."""
         act, w, m, dw_dv, pat = self._take_cache()
         shape = act.shape
         g = as_f32(grad_out, Where(self, "backward"))
@@ -503,6 +505,9 @@ class Conv2d(_Weighted):
             self._accumulate_weight_grad(grad_w, dw_dv)
         if self.bias is not None:
             self.grad_bias += g.sum(axis=(0, 2, 3))
+        if not input_grad:
+            cost.macs_grad_input = 0
+            return None
         if m is None:
             cost.macs_grad_input = dense_macs
             return conv.conv2d_grad_input(g, w, shape, s, p)

@@ -53,8 +53,11 @@ class Module(Layer):
         return out
 
     def zero_grad(self) -> None:
-        for g in self.grads().values():
-            g.fill(0.0)
+        # each leaf zeroes its own gradients: a layer on a static sparse pattern
+        # only the entries it wrote (O(nnz))
+        for layer in self.named_layers().values():
+            if layer is not self and not layer.children():
+                layer.zero_grad()
 
     def _tensors(self) -> dict[str, np.ndarray]:
         # per layer: parameters, then buffers -- torchvision's state_dict order

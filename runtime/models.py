@@ -72,19 +72,24 @@ class Model(Sequential):
         self._fused_at = frozenset(fused)
         return x
 
-    def _backward_layers(self, g):
+    def _backward_layers(self, g, input_grad: bool = True):
         kids = list(self.children().values())
         i = len(kids) - 1
         while i >= 0:
             if i - 1 in self._fused_at:
                 g = kids[i - 1].backward_relu(g)[0]
                 i -= 2
+            elif i == 0 and not input_grad and isinstance(kids[0], Conv2d):
+                g = kids[0].backward(g, input_grad=False)
+                i -= 1
             else:
                 g = kids[i].backward(g)
                 i -= 1
         return g
 
-    def backward(self, grad_out):
+    def backward(self, grad_out, *, input_grad: bool = True):
+        """``input_grad=False``: training does not need dL/dx (the image's
+        gradient); the first conv then skips it and this returns None."""
         if self._batch is None:
             raise StateError(f"{self.name}.backward: expected a forward(x, train=True)"
                              " first, got none")
@@ -93,7 +98,7 @@ class Model(Sequential):
             raise ShapeError(f"{self.name}.backward: expected grad_logits of shape "
                              f"{self._batch}, got {tuple(g.shape)}")
         self._batch = None
-        return self._backward_layers(g)
+        return self._backward_layers(g, input_grad)
 
     def prunable(self) -> dict[str, np.ndarray]:
         """The conv and linear weights (the tensors that magnitude pruning ranks)."""

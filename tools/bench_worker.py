@@ -143,7 +143,7 @@ class Ours:
         self.model.zero_grad()
         logits = self.model.forward(x, train=True)
         _, grad = self.rt.softmax_cross_entropy(logits, y)
-        self.model.backward(grad)
+        self.model.backward(grad, input_grad=False)
         self.opt.step()
 
     def infer(self, x):

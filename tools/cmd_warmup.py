@@ -44,7 +44,7 @@ def exercise() -> None:
             y = rng.integers(0, 10, 4)
             model.zero_grad()
             _, grad = losses.softmax_cross_entropy(model.forward(x, train=True), y)
-            model.backward(grad)
+            model.backward(grad, input_grad=False)
             model.forward(x, train=False)
 
 

@@ -152,7 +152,7 @@ def profile(model_name: str, sparsity: float, batch_size: int, steps: int,
             t3 = time.perf_counter()
             forward_layers = timers.inner[0]
             timers.inner = [0.0]
-            model.backward(g)
+            model.backward(g, input_grad=False)
             t4 = time.perf_counter()
             backward_layers = timers.inner[0]
             opt.step()

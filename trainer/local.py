@@ -82,7 +82,7 @@ def train_epochs(model, data: Dataset, config: TrainConfig, *,
             model.zero_grad()
             logits = model.forward(x, train=True)
             loss, grad = softmax_cross_entropy(logits, y)
-            model.backward(grad)
+            model.backward(grad, input_grad=False)
             opt.step()
             total_loss += loss * len(y)
             correct += int((logits.argmax(axis=1) == y).sum())

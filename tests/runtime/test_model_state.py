@@ -233,3 +233,31 @@ def test_non_strict_load_ignores_unknown_names():
     state["extra.weight"] = np.zeros(2, np.float32)
     model.load_state_dict(state, strict=False)
     np.testing.assert_array_equal(model.state_dict()["fc.bias"], state["fc.bias"])
+
+
+@pytest.mark.parametrize("name", ["cnn", "resnet8"])
+def test_backward_without_input_grad_leaves_the_same_parameter_grads(name):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4, 3, 32, 32)).astype(np.float32)
+    grads = []
+    for input_grad in (True, False):
+        model = build(name, width=0.25, seed=1)
+        logits = model.forward(x, train=True)
+        out = model.backward(np.ones_like(logits) / len(x), input_grad=input_grad)
+        assert (out is None) == (not input_grad)
+        grads.append({k: v.copy() for k, v in model.grads().items()})
+    assert grads[0].keys() == grads[1].keys()
+    for k in grads[0]:
+        np.testing.assert_array_equal(grads[0][k], grads[1][k], err_msg=k)
+
+
+def test_zero_grad_clears_every_gradient_after_a_step():
+    model = build("resnet8", width=0.25, alpha=1.25, seed=2)
+    from sparsefedpp.runtime import pruning
+    pruning.prune(model, 0.9)
+    x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    logits = model.forward(x, train=True)
+    model.backward(np.ones_like(logits), input_grad=False)
+    assert any(np.any(g) for g in model.grads().values())
+    model.zero_grad()
+    assert not any(np.any(g) for g in model.grads().values())
