@@ -169,3 +169,25 @@ def test_global_prune_without_floor_can_empty_a_layer_and_floor_zero_is_today():
 def test_bad_floor_is_a_config_error(bad):
     with pytest.raises(ConfigError, match="floor"):
         pruning.magnitude_masks(models.build("cnn", seed=0, width=0.25), 0.5, floor=bad)
+
+
+@pytest.mark.parametrize("keep", [0, 1, 7, 50, 99, 100])
+def test_keep_mask_keeps_exactly_the_largest_with_ties_by_position(keep):
+    from sparsefedpp.runtime.pruning import _keep_mask
+
+    rng = np.random.default_rng(keep)
+    mag = rng.integers(0, 5, 100).astype(np.float32)  # many ties
+    order = np.lexsort((np.arange(mag.size), -mag))  # largest first, then position
+    want = np.zeros(mag.size, dtype=bool)
+    want[order[:keep]] = True
+    np.testing.assert_array_equal(_keep_mask(mag, keep), want)
+
+
+def test_global_masks_break_ties_across_layers_in_model_order():
+    model = models.build("resnet8", width=0.25, seed=0)
+    for layer in pruning.prunable_layers(model).values():
+        layer.weight[...] = 1.0  # all tied
+    masks = pruning.magnitude_masks(model, 0.5)
+    flat = np.concatenate([m.ravel() for m in masks.values()])
+    assert flat.sum() == round(0.5 * flat.size)
+    assert flat[:flat.sum()].all() and not flat[flat.sum():].any()
