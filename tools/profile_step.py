@@ -80,16 +80,21 @@ class Timers:
         self.times: dict[tuple[str, str], float] = collections.defaultdict(float)
         self.phase = "forward"
         self.inner = [0.0]
+        self.in_kernel = False
 
     def wrap_kernel(self, owner, attr: str, kind: str) -> None:
         fn = getattr(owner, attr)
 
         @functools.wraps(fn)
         def timed(*args, **kwargs):
+            if self.in_kernel:  # called by another timed entry point: counted there
+                return fn(*args, **kwargs)
+            self.in_kernel = True
             t = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
+                self.in_kernel = False
                 dt = time.perf_counter() - t
                 self.times[(kind, self.phase)] += dt
                 self.inner[-1] += dt
