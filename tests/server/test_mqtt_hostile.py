@@ -565,11 +565,14 @@ class Attacker:
         ann = self.wait_for(find, timeout, f"round {rnd + 1}")
 
         def model():
+            # only the announced model's chunks: a multi-chunk (dense) model of
+            # another round would make the reassembler drop this one
             r = protocol.Reassembler(max_total=64 << 20)
+            digest = ann["model"]["digest"]
             for payload in self.messages(f"sfpp/model/{0}") + [
                     p for t, p, _ in self.received if t.startswith("sfpp/model/")
                     and t != "sfpp/model/0"]:
-                if payload:
+                if payload and protocol.transfer_id(payload) == digest:
                     try:
                         whole = r.add("aggregator", payload)
                     except protocol.ProtocolError:
