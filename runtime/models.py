@@ -13,6 +13,7 @@ from .errors import ConfigError, ShapeError, StateError
 from .layers import Conv2d, Flatten, Linear, ReLU
 from .model import BasicBlock, Sequential
 from .pooling import GlobalAvgPool2d, MaxPool2d
+from .powerprop import NO_INIT
 
 NAMES = ("cnn", "resnet8", "resnet18")
 
@@ -144,7 +145,8 @@ def _cnn(num_classes, width, alpha, in_channels, rng):
 
 
 def build(name: str, num_classes: int = 10, width: float = 1.0, alpha: float = 1.0,
-          in_channels: int = 3, *, seed: int | None = None) -> Model:
+          in_channels: int = 3, *, seed: int | None = None,
+          init: bool = True) -> Model:
     """Build a model by name: "cnn", "resnet8" or "resnet18".
 
     Parameters
@@ -155,6 +157,11 @@ def build(name: str, num_classes: int = 10, width: float = 1.0, alpha: float = 1
     alpha : Powerprop exponent of every conv/linear layer (1 = plain layers).
     in_channels : 3 for CIFAR-10, 1 for (Fashion-)MNIST.
     seed : seeds the weight initialisation (None: fresh entropy).
+    init : False builds every weight and bias as zeros without drawing a random
+        number: for a client, whose weights come from the wire (``load_state_dict``
+        next). The random initialisation of ResNet-18 takes ~0.7 s and its float64
+        temporaries stay mapped in the process (runtime/allocator.py). BatchNorm
+        starts as usual (weight 1, bias 0, running mean 0 and variance 1).
 
     The CNN ends in global average pooling, so it takes any image size >= 4x4.
     """
@@ -165,7 +172,10 @@ def build(name: str, num_classes: int = 10, width: float = 1.0, alpha: float = 1
             raise ConfigError(f"build {what}: expected an integer >= 1, got {val!r}")
     if not np.isfinite(width) or width <= 0:
         raise ConfigError(f"build width: expected a positive number, got {width!r}")
-    rng = np.random.default_rng(seed)
+    if not isinstance(init, bool):
+        raise ConfigError(f"build init: expected True (random weights) or False "
+                          f"(zeros, to load a state dict into), got {init!r}")
+    rng = np.random.default_rng(seed) if init else NO_INIT
     args = (int(num_classes), float(width), float(alpha), int(in_channels), rng)
     if name == "cnn":
         layers = _cnn(*args)

@@ -279,13 +279,15 @@ class DeviceAgent:
         self._status("training", rnd)
         try:
             net = self._network(cfg["model"])
-            # the global model holds exactly the announced network's tensors
+            # the global model holds exactly the announced network's tensors (like:
+            # the model's own arrays, not a state_dict copy of them)
             msg = codec.decode(model_bytes, max_bytes=self.config.max_model_bytes,
-                               like=net.state_dict(), exact=True)
+                               like={**net.params(), **net.buffers()}, exact=True)
             if msg.kind != "model" or msg.round != rnd:
                 raise protocol.ProtocolError(f"global model: expected round {rnd}, got "
                                              f"kind {msg.kind} round {msg.round}")
             net.load_state_dict(msg.tensors)
+            del msg  # a second copy of the model through the whole round otherwise
             data = self.data
             if "mean" in cfg and "std" in cfg:  # the federation's normalisation
                 data = replace(data, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
@@ -318,10 +320,11 @@ class DeviceAgent:
         return replace(local, batch_size=batch)
 
     def _network(self, spec: dict):
+        # no random initialisation: the global model's weights are loaded next
         if spec != self._net_spec:
             self._net = models.build(spec["name"], num_classes=spec["num_classes"],
                                      width=spec["width"], alpha=spec["alpha"],
-                                     in_channels=spec["in_channels"])
+                                     in_channels=spec["in_channels"], init=False)
             self._net_spec = dict(spec)
         return self._net
 

@@ -261,3 +261,68 @@ def test_zero_grad_clears_every_gradient_after_a_step():
     assert any(np.any(g) for g in model.grads().values())
     model.zero_grad()
     assert not any(np.any(g) for g in model.grads().values())
+
+
+def _plain_init_weight(shape, fan_in, alpha, rng):
+    """powerprop.init_weight as it was written before it ran in place: the
+    reference the seeded initialisation must keep matching bit for bit."""
+    std = np.sqrt(1.0 / fan_in) / 0.87962566
+    z = rng.standard_normal(shape)
+    bad = np.abs(z) > 2.0
+    while bad.any():
+        z[bad] = rng.standard_normal(int(bad.sum()))
+        bad = np.abs(z) > 2.0
+    u = z * std
+    return (np.sign(u) * np.abs(u) ** (1.0 / alpha)).astype(np.float32)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 1.25, 2.0, 3.0])
+@pytest.mark.parametrize("shape", [(64, 32, 3, 3), (10, 64), (7,)])
+def test_in_place_init_is_the_same_bits_as_the_plain_expression(alpha, shape):
+    from sparsefedpp.runtime import powerprop
+
+    fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 3
+    got = powerprop.init_weight(shape, fan_in, alpha, np.random.default_rng(5))
+    want = _plain_init_weight(shape, fan_in, alpha, np.random.default_rng(5))
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+@pytest.mark.parametrize("name", ["cnn", "resnet8"])
+def test_build_without_init_draws_nothing_and_then_equals_the_loaded_model(
+        name, monkeypatch):
+    from sparsefedpp.runtime import losses
+
+    source = build(name, width=0.25, alpha=1.25, seed=4)
+    x = np.random.default_rng(0).random((2, 3, 32, 32), dtype=np.float32)
+    source.forward(x, train=True)  # moves the BatchNorm running statistics
+    state = source.state_dict()
+
+    def no_draws(*args, **kwargs):
+        raise AssertionError("a model built with init=False drew random numbers")
+
+    monkeypatch.setattr(np.random, "default_rng", no_draws)
+    client = build(name, width=0.25, alpha=1.25, init=False)
+    monkeypatch.undo()
+    for key, arr in client.params().items():
+        if "bn" not in key and "downsample.1" not in key:  # conv/linear weight, bias
+            assert not arr.any(), key
+    client.load_state_dict(state)
+    for key, arr in client.state_dict().items():
+        np.testing.assert_array_equal(arr, state[key], err_msg=key)
+    fresh = build(name, width=0.25, alpha=1.25, seed=4)
+    fresh.load_state_dict(state)
+    for model in (client, fresh):
+        model.zero_grad()
+        logits = model.forward(x, train=True)
+        model.backward(losses.softmax_cross_entropy(logits, np.array([1, 2]))[1],
+                       input_grad=False)
+    np.testing.assert_array_equal(client.forward(x, train=False),
+                                  fresh.forward(x, train=False))
+    for key, g in client.grads().items():
+        np.testing.assert_array_equal(g, fresh.grads()[key], err_msg=key)
+
+
+def test_build_init_must_be_a_bool():
+    with pytest.raises(ConfigError, match="init"):
+        build("cnn", init="zeros")
