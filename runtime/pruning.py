@@ -44,6 +44,23 @@ def _threshold(owned: np.ndarray, keep: int) -> tuple[float, int]:
     return t, keep - int(np.count_nonzero(owned[kth + 1:] > t))
 
 
+def _global_threshold(mags: dict[str, np.ndarray], keep: int) -> tuple[float, int]:
+    """``_threshold`` of all layers' magnitudes together (0 < keep < their size),
+    ranking only the nonzero ones: zeros rank lowest, so the keep-th largest is
+    the same, or 0 with ``keep - nonzeros`` ties when fewer are nonzero. A client
+    prunes a model that was already sparse: at 99 % this partitions 1 % of the
+    weights instead of a concatenated copy of all (ResNet-18: a 42.6 MB array at
+    the end of every round, bench-memory peak 418 -> 376 MB)."""
+    nonzero = np.concatenate([m[m != 0] for m in mags.values()])
+    dtype = next(iter(mags.values())).dtype
+    if nonzero.size < keep:
+        return dtype.type(0), keep - nonzero.size
+    if nonzero.size == keep:  # every nonzero is kept, no zero: t is the smallest
+        t = nonzero.min()
+        return t, keep - int(np.count_nonzero(nonzero > t))
+    return _threshold(nonzero, keep)
+
+
 def _add_ties(mask: np.ndarray, magnitude: np.ndarray, t, ties: int) -> int:
     """Keep the first ``ties`` entries equal to t (by position), in chunks so no
     large index array is built; returns the ties still to place."""
@@ -120,9 +137,10 @@ def magnitude_masks(model, sparsity: float, scope: str = "global", *,
                                            min(floor, mag.size)))
                  for name, mag in mags.items()}
     else:
-        flat = np.concatenate(list(mags.values())) if mags else np.zeros(0, np.float32)
-        keep = round((1.0 - s) * flat.size)
+        size = sum(m.size for m in mags.values())
+        keep = round((1.0 - s) * size)
         if floor > 0:
+            flat = np.concatenate(list(mags.values()))
             floors = _floor_sizes([m.size for m in mags.values()], floor, keep)
             floored = np.concatenate([_keep_mask(m, f) for m, f in
                                       zip(mags.values(), floors, strict=True)])
@@ -133,11 +151,10 @@ def magnitude_masks(model, sparsity: float, scope: str = "global", *,
             for name, mag in mags.items():
                 masks[name] = keep_all[start:start + mag.size]
                 start += mag.size
-        elif keep >= flat.size or keep <= 0:
+        elif keep >= size or keep <= 0:
             masks = {name: np.full(mag.size, keep > 0) for name, mag in mags.items()}
         else:  # one threshold over all layers, then each layer's mask from it
-            t, ties = _threshold(flat, keep)
-            del flat
+            t, ties = _global_threshold(mags, keep)
             masks = {}
             for name, mag in mags.items():
                 masks[name] = mag > t

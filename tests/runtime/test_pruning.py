@@ -191,3 +191,27 @@ def test_global_masks_break_ties_across_layers_in_model_order():
     flat = np.concatenate([m.ravel() for m in masks.values()])
     assert flat.sum() == round(0.5 * flat.size)
     assert flat[:flat.sum()].all() and not flat[flat.sum():].any()
+
+
+@pytest.mark.parametrize("before,after", [(0.9, 0.99), (0.99, 0.99), (0.99, 0.9),
+                                          (0.5, 0.5), (0.0, 0.75)])
+def test_global_masks_of_an_already_sparse_model_rank_as_one_sort(before, after):
+    # the threshold ranks only the nonzero magnitudes (no concatenated copy of
+    # all): the masks must still be the `keep` largest, ties by model position,
+    # with zeros ranked lowest -- also when fewer than `keep` are nonzero
+    model = models.build("resnet8", width=0.25, alpha=1.25, seed=3)
+    if before:
+        pruning.prune(model, before)
+    rng = np.random.default_rng(1)
+    for layer in pruning.prunable_layers(model).values():  # ties across layers
+        v = layer.weight
+        tie = rng.random(v.shape) < 0.05
+        v[tie & (v != 0)] = np.float32(0.05)
+    mag = np.abs(_all_weights(model))
+    keep = round((1.0 - after) * mag.size)
+    order = np.lexsort((np.arange(mag.size), -mag))
+    want = np.zeros(mag.size, dtype=bool)
+    want[order[:keep]] = True
+    got = np.concatenate([m.ravel() for m in pruning.magnitude_masks(model, after)
+                          .values()])
+    np.testing.assert_array_equal(got, want)
