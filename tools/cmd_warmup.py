@@ -1,6 +1,7 @@
 """``sparsefedpp warmup``: fill Numba's kernel cache once, when a device is provisioned.
 
-Compiles (or loads) every kernel, then runs one small training step of each
+Compiles (or loads) every kernel signature (kernels otherwise load at their first
+call, runtime/kernels/config.py), then runs one small training step of each
 model with the dense, CSR and sparse-activation paths, and reports how many
 kernel signatures came from the cache and how many were compiled. Run it with
 the same ``NUMBA_CACHE_DIR`` as the device agent (for a read-only install,
@@ -12,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 
-from .kernel_cache import process_age, report
+from .kernel_cache import load_all, process_age
 from .progress import say
 
 
@@ -49,7 +50,7 @@ def exercise() -> None:
 
 
 def run(args) -> int:
-    loaded = report()  # the kernels were loaded when the command line was built
+    loaded = load_all()  # every signature, not only those of the steps below
     imported = process_age()
     start = time.perf_counter()
     exercise()

@@ -1,9 +1,10 @@
 """What Numba's cache holds for our kernels: loaded from it, or compiled now.
 
-Every kernel has an explicit signature, so Numba compiles it (or loads it from
-the cache) when its module is imported; a device whose cache is warm never
-compiles inside a round. ``NUMBA_CACHE_DIR`` moves the cache (needed when the
-package folder is read-only).
+Every kernel has explicit signatures (runtime/kernels/config.py, ``kernel``):
+Numba compiles them (or loads them from the cache) at the kernel's first call, so
+a process holds only the kernels it ran; ``sparsefedpp warmup`` loads every one,
+so a device whose cache is warm never compiles inside a round.
+``NUMBA_CACHE_DIR`` moves the cache (needed when the package folder is read-only).
 """
 
 from __future__ import annotations
@@ -17,14 +18,16 @@ KERNEL_MODULES = ("conv", "csr", "activation", "norm", "pool", "sddmm")
 @dataclass(frozen=True)
 class CacheReport:
     kernels: int          # dispatchers (one per kernel, serial/parallel variants apart)
-    signatures: int       # compiled signatures in all
-    loaded: int           # signatures loaded from the cache
+    signatures: int       # explicit signatures in all
+    loaded: int           # signatures loaded from the cache in this process
     compiled: int         # signatures compiled in this process (cache cold or stale)
     cache_dir: str
+    pending: int = 0      # signatures not loaded yet (kernels this process never ran)
 
 
 def dispatchers() -> list:
-    """Every Numba dispatcher of runtime/kernels (imports, so compiles, them)."""
+    """Every Numba dispatcher of runtime/kernels (imports the modules; loads no
+    signature)."""
     from numba.core.registry import CPUDispatcher
 
     found = []
@@ -34,13 +37,32 @@ def dispatchers() -> list:
     return found
 
 
+def _declared(d) -> int:
+    return len(getattr(d, "explicit_signatures", None) or d.signatures)
+
+
 def report() -> CacheReport:
+    """What this process loaded and compiled so far (loads nothing itself)."""
+    from sparsefedpp.runtime.kernels.config import is_loaded
+
     ds = dispatchers()
     hits = sum(sum(d.stats.cache_hits.values()) for d in ds)
     misses = sum(sum(d.stats.cache_misses.values()) for d in ds)
-    sigs = sum(len(d.signatures) for d in ds)
+    sigs = sum(_declared(d) for d in ds)
+    pending = sum(_declared(d) for d in ds
+                  if hasattr(d, "explicit_signatures") and not is_loaded(d))
     paths = {d.stats.cache_path for d in ds if d.stats.cache_path}
-    return CacheReport(len(ds), sigs, hits, misses, ", ".join(sorted(paths)) or "none")
+    return CacheReport(len(ds), sigs, hits, misses, ", ".join(sorted(paths)) or "none",
+                       pending)
+
+
+def load_all() -> CacheReport:
+    """Load (or compile into the cache) every kernel signature now; the report."""
+    from sparsefedpp.runtime.kernels.config import compile_all
+
+    dispatchers()  # imports every kernel module, so every kernel is registered
+    compile_all()
+    return report()
 
 
 def process_age() -> float:

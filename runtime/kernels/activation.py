@@ -33,7 +33,7 @@ import numba as nb
 import numpy as np
 
 from ..errors import DTypeError, ShapeError
-from .config import JIT, JIT_PARALLEL, JIT_PARALLEL_FASTMATH
+from .config import JIT, JIT_PARALLEL, JIT_PARALLEL_FASTMATH, kernel
 
 CHUNK = 1 << 14  # elements per parallel chunk of x (a multiple of 8: bitmap bytes)
 _RADIX = ((20, 2047), (10, 1023), (0, 1023))  # (shift, mask) of the 3 radix passes
@@ -53,7 +53,7 @@ def _sigs(make):
 # ---------------------------------------------------------------- top-k threshold
 
 
-@nb.njit(_sigs(lambda f: nb.void(f, nb.int64, nb.int64, nb.int64, nb.int64,
+@kernel(_sigs(lambda f: nb.void(f, nb.int64, nb.int64, nb.int64, nb.int64,
                                  nb.int64[:, ::1])), **JIT_PARALLEL)
 def _radix_hist(x, shift, mask, prefix_shift, prefix, hist):  # pragma: no cover - compiled
     # hist[p, b] = #{t in part p : (bits(|x[t]|) >> prefix_shift) == prefix and
@@ -103,7 +103,7 @@ def topk_abs_threshold(x: np.ndarray, k: int, n_part: int) -> float:
 # ---------------------------------------------------------------- compression
 
 
-@nb.njit(_sigs(lambda f: nb.void(f, nb.float32, nb.int64, _I8, _I8)), **JIT_PARALLEL)
+@kernel(_sigs(lambda f: nb.void(f, nb.float32, nb.int64, _I8, _I8)), **JIT_PARALLEL)
 def _count_kept(x, thr, chunk, n_gt, n_tie):  # pragma: no cover - compiled
     # per chunk: n_gt = #{not |x| <= thr}, n_tie = #{|x| == thr > 0}, as integer
     # compares of the bit patterns of |x| (see _byte_bits) over a slice per chunk:
@@ -141,7 +141,7 @@ def _byte_bits(u, t0, m, thr_u):  # pragma: no cover - compiled
 _WRITE_SIG = _sigs(lambda f: nb.void(f, nb.float32, nb.int64, _I8, _I8, _U1, _I4, _F4))
 
 
-@nb.njit(_WRITE_SIG, **JIT_PARALLEL)
+@kernel(_WRITE_SIG, **JIT_PARALLEL)
 def _write_kept(x, thr, chunk, start, quota, bitmap, indices,
                 values):  # pragma: no cover - compiled
     # The kept elements of chunk ck go to values[start[ck]:start[ck+1]] and, when
@@ -250,7 +250,7 @@ def compress_to_bitmap(x: np.ndarray, threshold: float, start: np.ndarray,
     return bitmap, values
 
 
-@nb.njit(_sigs(lambda f: nb.void(f, nb.float32, nb.int64, nb.int64, _I4, _F4, _I8)),
+@kernel(_sigs(lambda f: nb.void(f, nb.float32, nb.int64, nb.int64, _I4, _F4, _I8)),
          **JIT_PARALLEL)
 def _scan_kept(x, thr, chunk, cap, idx_buf, val_buf,
                counts):  # pragma: no cover - compiled
@@ -289,7 +289,7 @@ def _scan_kept(x, thr, chunk, cap, idx_buf, val_buf,
         counts[ck] = pos
 
 
-@nb.njit("void(i4[::1], f4[::1], i8, i8[::1], i8[::1], i4[::1], f4[::1])",
+@kernel("void(i4[::1], f4[::1], i8, i8[::1], i8[::1], i4[::1], f4[::1])",
          **JIT_PARALLEL)
 def _gather_kept(idx_buf, val_buf, cap, counts, start, indices,
                  values):  # pragma: no cover - compiled
@@ -327,7 +327,7 @@ def compress_one_pass(x: np.ndarray, threshold: float, expect: int,
     return indices, values
 
 
-@nb.njit("void(u1[::1], i8, i8[::1], i4[::1])", **JIT_PARALLEL)
+@kernel("void(u1[::1], i8, i8[::1], i4[::1])", **JIT_PARALLEL)
 def _bitmap_indices(bitmap, chunk_bytes, start, indices):  # pragma: no cover - compiled
     for ck in nb.prange(start.size):
         pos = start[ck]
@@ -342,7 +342,7 @@ def _bitmap_indices(bitmap, chunk_bytes, start, indices):  # pragma: no cover - 
                 b += 1
 
 
-@nb.njit("void(u1[::1], i8, i8[::1])", **JIT_PARALLEL)
+@kernel("void(u1[::1], i8, i8[::1])", **JIT_PARALLEL)
 def _bitmap_counts(bitmap, chunk_bytes, counts):  # pragma: no cover - compiled
     for ck in nb.prange(counts.size):
         total = 0
@@ -383,7 +383,7 @@ _CONV_SIG = ("i8(i4[::1], f4[::1], i8, i8, i8, f4[:, :, :, ::1], i8, i8, i8, i8,
              " f4[:, :, :, :, ::1])")
 
 
-@nb.njit(_CONV_SIG, **JIT_PARALLEL_FASTMATH)
+@kernel(_CONV_SIG, **JIT_PARALLEL_FASTMATH)
 def _conv_gw_nhwc(indices, values, n_ch, h, w, gt, kh, kw, s, pad,
                   part):  # pragma: no cover - compiled
     # gt: grad_out as (N, OH, OW, O); part[p]: (C, kh, kw, O) partial dW of the
@@ -424,7 +424,7 @@ def _conv_gw_nhwc(indices, values, n_ch, h, w, gt, kh, kw, s, pad,
     return taps.sum()
 
 
-@nb.njit(_CONV_SIG, **JIT_PARALLEL_FASTMATH)
+@kernel(_CONV_SIG, **JIT_PARALLEL_FASTMATH)
 def _conv_gw_nchw(indices, values, n_ch, h, w, g, kh, kw, s, pad,
                   part):  # pragma: no cover - compiled
     # g: grad_out as given (N, O, OH, OW); part[p]: (O, C, kh, kw). For few kept
@@ -464,7 +464,7 @@ def _conv_gw_nchw(indices, values, n_ch, h, w, g, kh, kw, s, pad,
     return taps.sum()
 
 
-@nb.njit("i8(i4[::1], i8, i8, i8, i8, i8, i8, i8)", **JIT)
+@kernel("i8(i4[::1], i8, i8, i8, i8, i8, i8, i8)", **JIT)
 def _conv_taps_count(indices, n_ch, h, w, kh, kw, s, pad):  # pragma: no cover - compiled
     # number of (kept element, tap) pairs that land inside grad_out
     oh_n = (h + 2 * pad - kh) // s + 1
@@ -483,7 +483,7 @@ def _conv_taps_count(indices, n_ch, h, w, kh, kw, s, pad):  # pragma: no cover -
     return count
 
 
-@nb.njit("void(f4[:, :, :, ::1], f4[:, :, :, ::1])", **JIT_PARALLEL)
+@kernel("void(f4[:, :, :, ::1], f4[:, :, :, ::1])", **JIT_PARALLEL)
 def _to_nhwc(g, out):  # pragma: no cover - compiled
     n_img, n_out, oh_n, ow_n = g.shape
     for idx in nb.prange(n_img * oh_n):
@@ -495,7 +495,7 @@ def _to_nhwc(g, out):  # pragma: no cover - compiled
                 row[o] = g[n, o, a, b]
 
 
-@nb.njit("void(i4[::1], f4[::1], i8, f4[:, ::1], f4[:, :, ::1])",
+@kernel("void(i4[::1], f4[::1], i8, f4[:, ::1], f4[:, :, ::1])",
          **JIT_PARALLEL_FASTMATH)
 def _linear_gw(indices, values, n_in, g, part):  # pragma: no cover - compiled
     # part[p]: (I, O) partial dW^T of the p-th slice of the kept list

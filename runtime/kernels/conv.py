@@ -123,7 +123,7 @@ the planes; ResNet-8 train step 135-175 ms against 86-99 (torch 41-52).
 import numba as nb
 import numpy as np
 
-from .config import JIT_PARALLEL_FASTMATH
+from .config import JIT_PARALLEL_FASTMATH, kernel
 
 # fastmath without nnan/ninf: NaN and inf still propagate (divergence stays visible)
 _VL = 32        # vector loops are rounded up to a multiple of this many floats
@@ -142,7 +142,7 @@ def out_size(size: int, k: int, stride: int, pad: int) -> int:
     return (size + 2 * pad - k) // stride + 1
 
 
-@nb.njit("void(f4[:, :, :, ::1], f4[:, ::1], i8, i8, i8, i8, i8, i8, i8, i8, i8)",
+@kernel("void(f4[:, :, :, ::1], f4[:, ::1], i8, i8, i8, i8, i8, i8, i8, i8, i8)",
          **JIT_PARALLEL_FASTMATH)
 def _phases(x, out, s, sph, spw, pt, pl, hq, wq, istr, rstr):  # pragma: no cover
     # out[(c*sph + pi)*spw + pj, n*istr + r*rstr + q] = x[n, c, s*r+pi-pt, s*q+pj-pl]
@@ -183,7 +183,7 @@ def _phases(x, out, s, sph, spw, pt, pl, hq, wq, istr, rstr):  # pragma: no cove
                     img[q1:] = 0.0
 
 
-@nb.njit("void(f4[:, ::1], i8[::1], i8[::1], f4[:, ::1], i8, i8, i8, i8, i8, i8, i8,"
+@kernel("void(f4[:, ::1], i8[::1], i8[::1], f4[:, ::1], i8, i8, i8, i8, i8, i8, i8,"
          " i8, i8, i8, f4[:, :, :, ::1])", **JIT_PARALLEL_FASTMATH)
 def _conv_taps(xs, plane, off, wt, size, wq, nb_img, a0, a1, b0, b1, ds, dy, dx,
                y):  # pragma: no cover - compiled
@@ -250,7 +250,7 @@ def _conv_taps(xs, plane, off, wt, size, wq, nb_img, a0, a1, b0, b1, ds, dy, dx,
                     row_b[b * ds + dx] = acc_b[base + b]
 
 
-@nb.njit("void(f4[:, ::1], f4[:, ::1], i8[::1], i8[::1], i8[::1], i8, i8, i8,"
+@kernel("void(f4[:, ::1], f4[:, ::1], i8[::1], i8[::1], i8[::1], i8, i8, i8,"
          " f4[:, :, ::1])", **JIT_PARALLEL_FASTMATH)
 def _conv_taps_gw(xs, gs, plane, off, order, n_img, size, n_oc,
                   part):  # pragma: no cover - compiled
@@ -326,7 +326,7 @@ def _conv_taps_gw(xs, gs, plane, off, order, n_img, size, n_oc,
                 g += 1
 
 
-@nb.njit("void(f4[:, :, :, ::1], f4[:, :, ::1], i8, i8)", **JIT_PARALLEL_FASTMATH)
+@kernel("void(f4[:, :, :, ::1], f4[:, :, ::1], i8, i8)", **JIT_PARALLEL_FASTMATH)
 def _rows(x, out, pt, pl):  # pragma: no cover - compiled
     # channel-last padded rows: out[n, r, q*C + c] = x[n, c, r - pt, q - pl], zero
     # outside x (rows of out may be wider and longer than the padded x)
@@ -352,7 +352,7 @@ def _rows(x, out, pt, pl):  # pragma: no cover - compiled
                     dst[c] = src[c, q]
 
 
-@nb.njit("void(f4[:, :, ::1], f4[:, :, ::1], i8[::1], i8, i8, i8, i8, i8, i8, i8, i8,"
+@kernel("void(f4[:, :, ::1], f4[:, :, ::1], i8[::1], i8, i8, i8, i8, i8, i8, i8, i8,"
          " i8, i8, i8, i8, f4[:, :, :, ::1])", **JIT_PARALLEL_FASTMATH)
 def _conv_rows(src, wt, row_off, rs, col_step, col_off, nc, ng, a0, a1, b0, b1, ds,
                dy, dx, y):  # pragma: no cover - compiled

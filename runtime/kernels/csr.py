@@ -144,7 +144,7 @@ from ..arrays import as_f32, check_ndim
 from ..errors import ConfigError, DTypeError, ShapeError
 from ..sparse import check_csr
 from . import conv
-from .config import JIT, JIT_PARALLEL, JIT_PARALLEL_FASTMATH
+from .config import JIT, JIT_PARALLEL, JIT_PARALLEL_FASTMATH, kernel
 
 _VL = 32  # vector loops are rounded up to this many floats (as in conv.py)
 _PARALLEL_NNZ = 1 << 17  # transposes of fewer nonzeros run serially (~1 ms)
@@ -159,7 +159,7 @@ _CROSSOVER = {"conv": 0.5, "linear": 0.0}
 _DIRECT_RATIO = {"forward": 2.0, "grad_input": 3.5}
 
 
-@nb.njit("void(f4[:, ::1], i8[::1], i4[::1], i8[::1], i8[::1], f4[::1], i8, i8, i8,"
+@kernel("void(f4[:, ::1], i8[::1], i4[::1], i8[::1], i8[::1], f4[::1], i8, i8, i8,"
          " i8, i8[:, ::1], f4[::1], b1, f4[:, :, :, ::1])", **JIT_PARALLEL_FASTMATH)
 def _gather_taps(src, ptr, tap, plane, off, val, size, wq, nb_img, ds, box, bias,
                  relu, out):  # pragma: no cover - compiled
@@ -261,7 +261,7 @@ def _gather_taps(src, ptr, tap, plane, off, val, size, wq, nb_img, ds, box, bias
                         row[b * ds + dx] = acc[base + b]
 
 
-@nb.njit("UniTuple(i8, 2)(i8, i8, i8, i8, i8)", **JIT)
+@kernel("UniTuple(i8, 2)(i8, i8, i8, i8, i8)", **JIT)
 def _valid(i, s, p, size, num):  # pragma: no cover - compiled
     # [a0, a1): the outputs a < num whose input index a*s - p + i lies in [0, size)
     a0 = max(0, -((i - p) // s))
@@ -272,7 +272,7 @@ def _valid(i, s, p, size, num):  # pragma: no cover - compiled
 # The direct kernels take flat arrays and loop over row slices with t in
 # range(length): a start >= 0 that Numba can see, so the loop has no negative-index
 # wraparound and LLVM vectorises it (module docstring, "Direct path").
-@nb.njit("void(f4[::1], i4[::1], i8[::1], f4[::1], i8, i8, i8, i8, i8, i8, i8, i8,"
+@kernel("void(f4[::1], i4[::1], i8[::1], f4[::1], i8, i8, i8, i8, i8, i8, i8, i8,"
          " i8, i8, f4[::1], b1, f4[::1])", **JIT_PARALLEL_FASTMATH)
 def _direct_forward(x, indices, indptr, data, n_img, n_in, h, w, kh, kw, s, p, oh,
                     ow, bias, relu, y):  # pragma: no cover - compiled
@@ -321,7 +321,7 @@ def _direct_forward(x, indices, indptr, data, n_img, n_in, h, w, kh, kw, s, p, o
                     y[yb + t] = 0.0
 
 
-@nb.njit("void(f4[::1], i8[::1], i8[::1], i8[::1], f4[::1], i8, i8, i8, i8, i8, i8,"
+@kernel("void(f4[::1], i8[::1], i8[::1], i8[::1], f4[::1], i8, i8, i8, i8, i8, i8,"
          " i8, i8, i8, f4[::1])", **JIT_PARALLEL_FASTMATH)
 def _direct_grad_input(g, gptr, grow, gtap, gval, n_img, n_out, oh, ow, kw, s, p, h,
                        w, gx):  # pragma: no cover - compiled
@@ -362,7 +362,7 @@ def _direct_grad_input(g, gptr, grow, gtap, gval, n_img, n_out, oh, ow, kw, s, p
                         xs[t] += v * gr[t]
 
 
-@nb.njit("void(i4[::1], i8[::1], i8[::1], i8[:, ::1], i8)", **JIT)
+@kernel("void(i4[::1], i8[::1], i8[::1], i8[:, ::1], i8)", **JIT)
 def _count_block(indices, indptr, col_group, fill, b):  # pragma: no cover - compiled
     # fill[b, g] += number of nonzeros in group g among the rows of block b
     n_part = fill.shape[0]
@@ -373,7 +373,7 @@ def _count_block(indices, indptr, col_group, fill, b):  # pragma: no cover - com
             cnt[col_group[indices[k]]] += 1
 
 
-@nb.njit("void(i8[:, ::1], i8[::1])", **JIT)
+@kernel("void(i8[:, ::1], i8[::1])", **JIT)
 def _scan_blocks(fill, gptr):  # pragma: no cover - compiled
     # counts -> first slot of block b in group g (groups in order, then blocks)
     n_part, n_grp = fill.shape
@@ -387,7 +387,7 @@ def _scan_blocks(fill, gptr):  # pragma: no cover - compiled
     gptr[n_grp] = total
 
 
-@nb.njit("void(i4[::1], i8[::1], f4[::1], i8[::1], i8[::1], i8[:, ::1], i8, i8[::1],"
+@kernel("void(i4[::1], i8[::1], f4[::1], i8[::1], i8[::1], i8[:, ::1], i8, i8[::1],"
          " i8[::1], f4[::1])", **JIT)
 def _fill_block(indices, indptr, data, col_group, col_off, fill, b, grow, goff,
                 gval):  # pragma: no cover - compiled
@@ -409,7 +409,7 @@ _GROUP_SIG = ("void(i4[::1], i8[::1], f4[::1], i8[::1], i8[::1], i8[:, ::1], i8[
               " i8[::1], i8[::1], f4[::1])")
 
 
-@nb.njit(_GROUP_SIG, **JIT)
+@kernel(_GROUP_SIG, **JIT)
 def _group_entries(indices, indptr, data, col_group, col_off, fill, gptr, grow, goff,
                    gval):  # pragma: no cover - compiled
     # counting sort of the nonzeros by col_group[column] (the CSR -> CSC step):
@@ -423,7 +423,7 @@ def _group_entries(indices, indptr, data, col_group, col_off, fill, gptr, grow, 
                     gval)
 
 
-@nb.njit(_GROUP_SIG, **JIT_PARALLEL)
+@kernel(_GROUP_SIG, **JIT_PARALLEL)
 def _group_entries_parallel(indices, indptr, data, col_group, col_off, fill, gptr,
                             grow, goff, gval):  # pragma: no cover - compiled
     # _group_entries with prange over the row blocks (one per thread)
@@ -819,7 +819,7 @@ def prefer_csr(density: float, kind: str) -> bool:
 # ---- building the CSR of a (Powerprop) weight in one parallel pass ---------------
 
 
-@nb.njit("void(f4[:, ::1], i8[::1])", **JIT_PARALLEL)
+@kernel("void(f4[:, ::1], i8[::1])", **JIT_PARALLEL)
 def _row_nnz(v, counts):  # pragma: no cover - compiled
     for r in nb.prange(v.shape[0]):
         row = v[r]
@@ -830,7 +830,7 @@ def _row_nnz(v, counts):  # pragma: no cover - compiled
         counts[r] = c
 
 
-@nb.njit("void(f4[:, ::1], i8, f4, i8[::1], f4[::1], i4[::1])", **JIT_PARALLEL)
+@kernel("void(f4[:, ::1], i8, f4, i8[::1], f4[::1], i4[::1])", **JIT_PARALLEL)
 def _fill_pow(v, mode, p, indptr, data, indices):  # pragma: no cover - compiled
     # w = v * |v|^p; mode 0: p = 0 (w = v), 1: p = 0.25 (two square roots, as
     # powerprop.abs_pow, so the values equal the dense path's bit for bit), 2: p = 0.5,

@@ -13,10 +13,10 @@ import numba as nb
 import numpy as np
 from numba import prange
 
-from .config import JIT_PARALLEL_FASTMATH as JIT
+from .config import JIT_PARALLEL_FASTMATH as JIT, kernel
 
 
-@nb.njit("void(f4[:, ::1], i8, f8[::1], f8[::1])", **JIT)
+@kernel("void(f4[:, ::1], i8, f8[::1], f8[::1])", **JIT)
 def _channel_mean_var(x, n_ch, mean, var):  # pragma: no cover - compiled
     # one pass, shifted by the channel's first value k: mean = k + S1/n, var =
     # S2/n - (S1/n)^2 with S1 = sum(x - k), S2 = sum((x - k)^2) in float64. k is a
@@ -52,7 +52,7 @@ def _channel_mean_var(x, n_ch, mean, var):  # pragma: no cover - compiled
         var[c] = max(s2 / count - m * m, 0.0)
 
 
-@nb.njit("void(f4[:, ::1], f4[::1], f4[::1], i8, f4[:, ::1])", **JIT)
+@kernel("void(f4[:, ::1], f4[::1], f4[::1], i8, f4[:, ::1])", **JIT)
 def _scale_shift(x, scale, shift, n_ch, y):  # pragma: no cover - compiled
     n_planes, hw = x.shape
     for p in prange(n_planes):
@@ -62,7 +62,7 @@ def _scale_shift(x, scale, shift, n_ch, y):  # pragma: no cover - compiled
             y[p, j] = x[p, j] * a + b
 
 
-@nb.njit("void(f4[:, ::1], f4[:, ::1], f4[::1], f4[::1], i8, f8[::1], f8[::1])", **JIT)
+@kernel("void(f4[:, ::1], f4[:, ::1], f4[::1], f4[::1], i8, f8[::1], f8[::1])", **JIT)
 def _grad_sums(grad_out, x, s, t, n_ch, sum_g, sum_gx):  # pragma: no cover - compiled
     # xhat = x * s[c] + t[c] in float32, recomputed (not kept from the forward);
     # partial sums per (n, c) as in _channel_mean_var
@@ -93,7 +93,7 @@ def _grad_sums(grad_out, x, s, t, n_ch, sum_g, sum_gx):  # pragma: no cover - co
         sum_gx[c] = accx
 
 
-@nb.njit("void(f4[:, ::1], f4[:, ::1], f4[::1], f4[::1], f4[::1], f4[::1], f4[::1], i8,"
+@kernel("void(f4[:, ::1], f4[:, ::1], f4[::1], f4[::1], f4[::1], f4[::1], f4[::1], i8,"
          " f4[:, ::1])", **JIT)
 def _bn_grad_input(grad_out, x, s, t, a, b, k, n_ch,
                    grad_in):  # pragma: no cover - compiled
@@ -167,7 +167,7 @@ def bn_grad_input(grad_out, x, s, t, a, b, k) -> np.ndarray:
 # The gradient is g * mask (as ReLU.backward's np.multiply), not a select.
 
 
-@nb.njit("void(f4[:, ::1], f4[::1], f4[::1], f4[:, ::1], b1, i8, f4[:, ::1],"
+@kernel("void(f4[:, ::1], f4[::1], f4[::1], f4[:, ::1], b1, i8, f4[:, ::1],"
          " u1[:, ::1])", **JIT)
 def _bn_relu_forward(x, scale, shift, res, has_res, n_ch, y,
                      mask):  # pragma: no cover - compiled
@@ -189,7 +189,7 @@ def _bn_relu_forward(x, scale, shift, res, has_res, n_ch, y,
                 y[p, j] = v if not (v <= 0) else np.float32(0.0)
 
 
-@nb.njit("void(f4[:, ::1], f4[:, ::1], f4[::1], f4[::1], f4[::1], f4[::1], i8,"
+@kernel("void(f4[:, ::1], f4[:, ::1], f4[::1], f4[::1], f4[::1], f4[::1], i8,"
          " f8[::1], f8[::1])", **JIT)
 def _bn_relu_grad_sums(g, x, s, t, fs, ft, n_ch, sum_g,
                        sum_gx):  # pragma: no cover - compiled
@@ -226,7 +226,7 @@ def _bn_relu_grad_sums(g, x, s, t, fs, ft, n_ch, sum_g,
         sum_gx[c] = accx
 
 
-@nb.njit("void(f4[:, ::1], f4[:, ::1], u1[:, ::1], f4[::1], f4[::1], i8, f8[::1],"
+@kernel("void(f4[:, ::1], f4[:, ::1], u1[:, ::1], f4[::1], f4[::1], i8, f8[::1],"
          " f8[::1])", **JIT)
 def _bn_mask_grad_sums(g, x, mask, s, t, n_ch, sum_g,
                        sum_gx):  # pragma: no cover - compiled
@@ -259,7 +259,7 @@ def _bn_mask_grad_sums(g, x, mask, s, t, n_ch, sum_g,
         sum_gx[c] = accx
 
 
-@nb.njit("void(f4[:, ::1], f4[:, ::1], u1[:, ::1], f4[::1], f4[::1], f4[::1], f4[::1],"
+@kernel("void(f4[:, ::1], f4[:, ::1], u1[:, ::1], f4[::1], f4[::1], f4[::1], f4[::1],"
          " f4[::1], i8, f4[:, ::1], f4[:, ::1])", **JIT)
 def _bn_mask_grad_input(g, x, mask, s, t, a, b, k, n_ch, grad_in,
                         g_masked):  # pragma: no cover - compiled
@@ -281,7 +281,7 @@ def _bn_mask_grad_input(g, x, mask, s, t, a, b, k, n_ch, grad_in,
             grad_in[p, j] = ac * gv - bc - kc * (x[p, j] * sc + tc)
 
 
-@nb.njit("void(f4[:, ::1], f4[:, ::1], f4[::1], f4[::1], f4[::1], f4[::1], f4[::1],"
+@kernel("void(f4[:, ::1], f4[:, ::1], f4[::1], f4[::1], f4[::1], f4[::1], f4[::1],"
          " f4[::1], f4[::1], i8, f4[:, ::1])", **JIT)
 def _bn_relu_grad_input(g, x, s, t, fs, ft, a, b, k, n_ch,
                         grad_in):  # pragma: no cover - compiled

@@ -3,10 +3,10 @@
 import numba as nb
 import numpy as np
 
-from .config import JIT
+from .config import JIT, kernel
 
 
-@nb.njit("void(f4[:, :, :, ::1], f4[:, :, :, ::1], i4[:, :, :, ::1], i8, i8, i8)",
+@kernel("void(f4[:, :, :, ::1], f4[:, :, :, ::1], i4[:, :, :, ::1], i8, i8, i8)",
          **JIT)
 def _maxpool_forward(x, y, argmax, k, stride, pad):  # pragma: no cover - compiled
     n_img, n_ch, h, w = x.shape
@@ -36,7 +36,7 @@ def _maxpool_forward(x, y, argmax, k, stride, pad):  # pragma: no cover - compil
                     argmax[n, c, a, b] = where
 
 
-@nb.njit("void(f4[:, :, :, ::1], i4[:, :, :, ::1], f4[:, :, :, ::1])", **JIT)
+@kernel("void(f4[:, :, :, ::1], i4[:, :, :, ::1], f4[:, :, :, ::1])", **JIT)
 def _maxpool_backward(grad_out, argmax, grad_in):  # pragma: no cover - compiled
     n_img, n_ch, oh, ow = grad_out.shape
     w = grad_in.shape[3]

@@ -32,12 +32,12 @@ import numba as nb
 import numpy as np
 
 from ..errors import ShapeError
-from .config import FASTMATH, JIT, JIT_PARALLEL_FASTMATH
+from .config import FASTMATH, JIT, JIT_PARALLEL_FASTMATH, kernel
 
 JIT_FASTMATH = {**JIT, "fastmath": FASTMATH}
 
 
-@nb.njit("void(f4[::1], i8[::1], i8, f4, f4, f4[::1], f4[::1])", **JIT)
+@kernel("void(f4[::1], i8[::1], i8, f4, f4, f4[::1], f4[::1])", **JIT)
 def _pattern_values(v, flat, mode, p, alpha, data, dw_dv):  # pragma: no cover - compiled
     # mode 1: p = 0.25 (two square roots, as powerprop.abs_pow), 2: p = 0.5, 3: general
     for e in range(flat.size):
@@ -78,7 +78,7 @@ def _valid_range(k, s, pad, size, n_out):  # pragma: no cover - compiled
     return a0, max(a0, a1)
 
 
-@nb.njit("i8(f4[:, :, :, ::1], f4[:, :, :, ::1], i8[::1], i4[::1], i8, i8, i8, i8,"
+@kernel("i8(f4[:, :, :, ::1], f4[:, :, :, ::1], i8[::1], i4[::1], i8, i8, i8, i8,"
          " f4[::1])", **JIT_PARALLEL_FASTMATH)
 def _conv_grad_dense(x, g, indptr, indices, kh, kw, s, pad,
                      out):  # pragma: no cover - compiled
@@ -174,7 +174,7 @@ _KEPT_SIG = ("i8(i4[::1], i4[::1], i4[::1], f4[::1], i8[::1], f4[:, :, :, ::1], 
              " i4[::1], i8, i8, i8, i8, f4[::1])")
 
 
-@nb.njit(_KEPT_SIG, **JIT_PARALLEL_FASTMATH)
+@kernel(_KEPT_SIG, **JIT_PARALLEL_FASTMATH)
 def _conv_grad_kept(kn, ky, kx, kv, cptr, g, indptr, indices, kh, kw, s, pad,
                     out):  # pragma: no cover - compiled
     # the kept elements regrouped by channel: those of channel c at [cptr[c],
@@ -188,7 +188,7 @@ def _conv_grad_kept(kn, ky, kx, kv, cptr, g, indptr, indices, kh, kw, s, pad,
     return macs.sum()
 
 
-@nb.njit(_KEPT_SIG, **JIT_FASTMATH)
+@kernel(_KEPT_SIG, **JIT_FASTMATH)
 def _conv_grad_kept_serial(kn, ky, kx, kv, cptr, g, indptr, indices, kh, kw, s, pad,
                            out):  # pragma: no cover - compiled
     # the same, on the calling thread: for little work a parallel launch costs more

@@ -1,5 +1,5 @@
-"""``sparsefedpp warmup`` fills the kernel cache; a warm process compiles nothing,
-not even inside a training round."""
+"""``sparsefedpp warmup`` fills the kernel cache with every signature; a warm
+process compiles nothing, not even inside a training round."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ for method, sparsity in (("sparsefedpp", 0.99), ("zerofl", 0.9), ("fedavg", 0.0)
     local_round(model, data, MethodConfig(method, sparsity), LocalConfig(batch_size=8),
                 lr=0.05, seed=0)
 r = report()
-print(json.dumps({"compiled": r.compiled, "loaded": r.loaded}))
+print(json.dumps({"compiled": r.compiled, "loaded": r.loaded, "pending": r.pending}))
 """
 
 
@@ -48,4 +48,7 @@ def test_warmup_then_a_round_compiles_nothing(tmp_path):
     assert cold["compiled"] == cold["signatures"] > 20
     assert warm["compiled"] == 0 and warm["loaded_from_cache"] == warm["signatures"]
     assert str(tmp_path) in warm["cache_dir"]
-    assert in_round == {"compiled": 0, "loaded": warm["signatures"]}
+    # kernels load at their first call: the rounds loaded what they ran, all of it
+    # from the cache the warm-up filled
+    assert in_round["compiled"] == 0 and in_round["loaded"] > 20
+    assert in_round["loaded"] + in_round["pending"] == warm["signatures"]
