@@ -5,7 +5,10 @@ SHARD.npz --model resnet18 --batch-size B [--sparsity S]`` trains one local roun
 on a device's shard the way a device does: ours through
 ``trainer.client.local_round`` (the device agent's and simulate's code path) on a
 model whose weights are already pruned to S (a client receives the sparse global
-model), torch through the same plain SGD loop over the same uint8 batches. It
+model: with ``--global-model FILE``, the encoded model message the parent wrote,
+decoded and loaded into a model built without random initialisation, as the
+device agent does), torch through the same plain SGD loop over the same uint8
+batches. It
 records the RSS after each phase: the numeric library, the framework (ours:
 numba), the package with its kernels (loaded from Numba's cache), the data, the
 model weights, the first step (activations), a whole round; then the peak
@@ -40,6 +43,23 @@ def _mb(arrays) -> float:
     return round(sum(a.nbytes for a in arrays) / 2**20, 2)
 
 
+def optimizer_bytes(model, momentum: float) -> int:
+    """Bytes of SGD's momentum buffers in a round: none without momentum; with it,
+    one value per pattern entry for a weight that trains on its static CSR
+    pattern (runtime/optim.py keeps those buffers as values at the pattern) and a
+    dense buffer for every other parameter."""
+    if not momentum:
+        return 0
+    from sparsefedpp.runtime import static_pattern
+
+    nbytes = 0
+    for p in model.params().values():
+        layer = static_pattern.owner_of(p)  # after a step: the layers on a pattern
+        pat = layer.pattern_for_step() if layer is not None else None
+        nbytes += pat.flat.size * 4 if pat is not None else p.nbytes
+    return nbytes
+
+
 def ours(args, phases: dict, out: dict) -> None:
     import numba  # noqa: F401
     phases["framework"] = rss_mb()
@@ -52,18 +72,29 @@ def ours(args, phases: dict, out: dict) -> None:
 
     data = load_npz(args.data)
     phases["data"] = rss_mb()
-    model = models.build(args.model, num_classes=len(data.classes), width=args.width,
-                         in_channels=data.images.shape[1], alpha=1.25, seed=0)
-    if args.sparsity:
-        pruning.prune(model, args.sparsity, "global")
+    spec = dict(num_classes=len(data.classes), width=args.width,
+                in_channels=data.images.shape[1], alpha=1.25)
+    if args.global_model:
+        # the device agent's path (trainer/mqtt_client.py): no random init, the
+        # weights come from the decoded global model
+        from sparsefedpp.runtime import codec
+
+        model = models.build(args.model, **spec, init=False)
+        with open(args.global_model, "rb") as f:
+            msg = codec.decode(f.read(), like={**model.params(), **model.buffers()},
+                               exact=True)
+        model.load_state_dict(msg.tensors)
+        del msg
+    else:
+        model = models.build(args.model, **spec, seed=0)
+        if args.sparsity:
+            pruning.prune(model, args.sparsity, "global")
     phases["weights"] = rss_mb()
     method = MethodConfig("sparsefedpp", args.sparsity) if args.sparsity else \
         MethodConfig("fedavg")
     local = LocalConfig(batch_size=args.batch_size)
     out.update(weights_mb=_mb(model.params().values()),
                grads_mb=_mb(model.grads().values()),
-               # SGD keeps one momentum buffer per parameter, none without momentum
-               optimizer_mb=_mb(model.params().values()) if local.momentum else 0.0,
                momentum=local.momentum,
                weight_sparsity=pruning.global_sparsity(model))
     start = time.perf_counter()
@@ -72,6 +103,7 @@ def ours(args, phases: dict, out: dict) -> None:
     out["first_step_s"] = time.perf_counter() - start
     out["first_step_process_s"] = process_age()
     out["held_mb"] = round(accounting.cost_report(model).totals["held_bytes"] / 2**20, 2)
+    out["optimizer_mb"] = round(optimizer_bytes(model, local.momentum) / 2**20, 2)
     phases["first_step"] = rss_mb()
     update = local_round(model, data, method, local, lr=LR, seed=0)
     out["round_s"] = update.metrics["train_seconds"]
@@ -135,6 +167,10 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--sparsity", type=float, default=0.0)
     p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--global-model", default=None, metavar="FILE",
+                   help="ours: the encoded global model (a codec 'model' message) to "
+                   "load, as a device does; without it the model is built with its "
+                   "random initialisation and pruned here")
     args = p.parse_args(argv)
     phases = {"interpreter": rss_mb()}
     import numpy  # noqa: F401

@@ -5,14 +5,15 @@ Each configuration (framework, model, sparsity) runs in a fresh
 ``bench_memory_worker`` process that trains one local round on a real shard
 (default: the first 500 images of Fashion-MNIST; ``--data`` a CIFAR-10 folder or
 anything ``sparsefedpp train --data`` takes) through the client's own code path
-(``trainer.client.local_round``), and reports where the megabytes go: RSS after
-the imports, the kernels, the data, the weights, the first step and the round,
-the peak (VmHWM), the bytes of weights, gradients, optimizer state and of what is
-held for backward, the round time, and how many kernels were compiled in the
-round (``--fresh-cache`` first runs ``sparsefedpp warmup`` in a new
-NUMBA_CACHE_DIR, so this checks that the warm-up compiles every kernel a round
-needs). Targets (issue 15): ResNet-18 at 99 % <= 250 MB, ResNet-8 at 99 % <= 165
-MB, dense ResNet-18 <= 0.6x PyTorch's peak.
+(``trainer.client.local_round``) on the global model as a device receives it
+(encoded, decoded into a model built without random initialisation), and reports
+where the megabytes go: RSS after the imports, the kernels, the data, the weights,
+the first step and the round, the peak (VmHWM), the bytes of weights, gradients,
+optimizer state and of what is held for backward, the round time, and how many
+kernels were compiled in the round (``--fresh-cache`` first runs ``sparsefedpp
+warmup`` in a new NUMBA_CACHE_DIR, so this checks that the warm-up compiles every
+kernel a round needs). Targets (issue 15): ResNet-18 at 99 % <= 250 MB, ResNet-8 at
+99 % <= 165 MB, dense ResNet-18 <= 0.6x PyTorch's peak.
 """
 
 from __future__ import annotations
@@ -106,12 +107,31 @@ def write_shard(path: Path, data, n: int, seed: int) -> None:
              classes=np.array(data.classes))
 
 
+def write_global_model(path: Path, model: str, sparsity: float, width: float,
+                       num_classes: int, in_channels: int) -> None:
+    """The global model a device receives, encoded as the aggregator sends it:
+    seeded Powerprop weights (alpha 1.25) pruned globally to ``sparsity``. Built
+    here, so the worker measures a client's round: no random initialisation,
+    decode, load (trainer/mqtt_client.py)."""
+    from sparsefedpp.runtime import codec, models, pruning
+
+    net = models.build(model, num_classes=num_classes, width=width,
+                       in_channels=in_channels, alpha=1.25, seed=0)
+    if sparsity:
+        pruning.prune(net, sparsity, "global")
+    method = "sparsefedpp" if sparsity else "fedavg"
+    path.write_bytes(codec.encode(codec.Message("model", 0, "aggregator", method,
+                                                net.state_dict())))
+
+
 def measure(framework: str, model: str, sparsity: float, args, shard: Path,
-            env: dict) -> dict:
+            env: dict, global_model: Path | None = None) -> dict:
     cmd = [sys.executable, "-m", "sparsefedpp.tools.bench_memory_worker",
            "--framework", framework, "--data", str(shard), "--model", model,
            "--width", str(args.width), "--batch-size", str(args.batch_size),
            "--sparsity", str(sparsity), "--threads", str(args.threads)]
+    if global_model is not None:
+        cmd += ["--global-model", str(global_model)]
     base = {"ok": False, "framework": framework, "model": model, "sparsity": sparsity,
             "batch_size": args.batch_size}
     try:
@@ -206,6 +226,7 @@ def run(args) -> int:
             MetricsWriter(args.metrics) as metrics:
         shard = Path(tmp) / "shard.npz"
         write_shard(shard, data, args.examples, args.seed)
+        num_classes, in_channels = len(data.classes), data.images.shape[1]
         del data
         env = dict(os.environ)
         for key in ("OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS", "OMP_NUM_THREADS"):
@@ -229,7 +250,12 @@ def run(args) -> int:
             configs += [("torch", m, 0.0) for m in dict.fromkeys(m for m, _ in runs)]
         for fw, model, s in configs:
             say(f"bench-memory: {fw} {model} sparsity {s:g} ...", quiet=args.quiet)
-            rows.append(measure(fw, model, s, args, shard, env))
+            wire = None
+            if fw == "ours":
+                wire = Path(tmp) / f"global-{model}-{s:g}.bin"
+                write_global_model(wire, model, s, args.width, num_classes,
+                                   in_channels)
+            rows.append(measure(fw, model, s, args, shard, env, wire))
         verdicts(rows)
         for r in rows:
             metrics.write("memory", **r)

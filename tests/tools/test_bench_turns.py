@@ -293,3 +293,20 @@ def test_bench_sparse_bad_flags(capsys):
                               repeats=1, block=1, threads=1, warmup=0, width=1.0)
     with pytest.raises(Exception, match="--sparsity"):
         cmd_bench_sparse._check(args)
+
+
+def test_bench_memory_optimizer_bytes_count_pattern_momentum_as_values():
+    from sparsefedpp.runtime import losses, models, pruning
+    from sparsefedpp.tools.bench_memory_worker import optimizer_bytes
+
+    model = models.build("resnet8", width=0.25, alpha=1.25, seed=0)
+    pruning.prune(model, 0.99)
+    x = np.random.default_rng(0).random((2, 3, 32, 32), dtype=np.float32)
+    _, g = losses.softmax_cross_entropy(model.forward(x, train=True), np.arange(2))
+    model.backward(g, input_grad=False)  # the layers now train on their pattern
+    dense = sum(p.nbytes for p in model.params().values())
+
+    assert optimizer_bytes(model, 0.0) == 0
+    assert 0 < optimizer_bytes(model, 0.9) < 0.5 * dense
+    before = models.build("resnet8", width=0.25, alpha=1.25, seed=0)  # no step yet
+    assert optimizer_bytes(before, 0.9) == dense
