@@ -45,6 +45,11 @@ def _step(mode: str) -> dict:
 
 @pytest.mark.slow
 def test_a_step_loads_only_its_kernels_and_computes_what_eager_loading_does():
+    # A kernel compiled in this process and the same kernel loaded from Numba's
+    # cache can differ in the last bit of float32 results (measured here, eager
+    # and lazy alike), so the eager child first fills the cache and both children
+    # under comparison load from it: the same machine code either way.
+    _step("eager")
     lazy, eager = _step("lazy"), _step("eager")
     loaded, compiled, pending, signatures = lazy["before"]
     assert loaded == compiled == 0 and pending == signatures > 20  # import: none
