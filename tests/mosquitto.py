@@ -35,7 +35,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.properties import Properties
 
-from sparsefedpp.tools.mosquitto_conf import (  # noqa: F401 - re-exported for tests
+from sparsefedpp.tools.mosquitto import (  # noqa: F401 - re-exported for tests
     HOST,
     PLAIN_PORT,
     SHIPPED_ACL,

@@ -28,8 +28,8 @@ import numpy as np
 from sparsefedpp.runtime.errors import ConfigError, DataError
 
 from .bench_memory_worker import PHASES
-from .bench_report import MEMORY_TARGETS
-from .cmd_train import add_common
+from .bench.report import MEMORY_TARGETS
+from .flags import add_common
 from .metrics import MetricsWriter
 from .progress import say
 

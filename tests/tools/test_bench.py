@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 from sparsefedpp.runtime import models
 from sparsefedpp.runtime.errors import ConfigError
-from sparsefedpp.tools import bench_procs, bench_report, cli
+from sparsefedpp.tools import cli
+from sparsefedpp.tools.bench import procs as bench_procs
+from sparsefedpp.tools.bench import report as bench_report
 from sparsefedpp.tools.metrics import read_metrics
 
 ON_CI = os.environ.get("CI") == "true"
@@ -179,7 +181,7 @@ def test_bad_flags_are_config_errors(flags, capsys):
 def test_torch_twin_runs_our_weights_to_the_same_logits(name):
     # Arrange
     torch = need_torch()
-    from sparsefedpp.tools import bench_torch
+    from sparsefedpp.tools.bench import torch_models as bench_torch
 
     ours = models.build(name, seed=1)
     twin = bench_torch.from_state_dict(name, ours.state_dict()).eval()

@@ -6,9 +6,9 @@ import os
 from pathlib import Path
 
 import pytest
-from sparsefedpp.tools import bench_mqtt
-from sparsefedpp.tools.bench_mqtt import MqttBenchConfig, format_table, run_bench
-from sparsefedpp.tools.mosquitto_conf import find_binary
+from sparsefedpp.tools.bench import mqtt_run as bench_mqtt
+from sparsefedpp.tools.bench.mqtt_run import MqttBenchConfig, format_table, run_bench
+from sparsefedpp.tools.mosquitto import find_binary
 
 pytestmark = pytest.mark.mqtt
 

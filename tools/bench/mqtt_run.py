@@ -46,8 +46,8 @@ from pathlib import Path
 import numpy as np
 from sparsefedpp.runtime.errors import ConfigError, SparseFedError, TransportError
 
-from .cmd_serve import config_toml
-from .mosquitto_conf import (
+from ..cmd_serve import config_toml
+from ..mosquitto import (
     HOST,
     PLAIN_PORT,
     SHIPPED_CONF,
@@ -515,7 +515,7 @@ def run_bench(cfg: MqttBenchConfig, workdir: str | os.PathLike,
     Raises ConfigError without mosquitto, BenchFailed when the aggregator fails or
     the run exceeds ``cfg.timeout``; every started process is killed either way.
     """
-    from . import cli
+    from .. import cli
 
     binary = require_mosquitto()
     data = cfg.dataset()
