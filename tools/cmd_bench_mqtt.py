@@ -16,7 +16,8 @@ from pathlib import Path
 
 from sparsefedpp.runtime import models
 
-from .bench.mqtt_run import MqttBenchConfig, format_table, run_bench
+from .bench.mqtt_report import format_table
+from .bench.mqtt_run import MqttBenchConfig, run_bench
 from .flags import add_common
 from .metrics import MetricsWriter
 from .progress import say

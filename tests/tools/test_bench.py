@@ -112,7 +112,9 @@ def test_torch_that_does_not_import_is_unavailable_not_an_error(tmp_path):
     (tmp_path / "torch").mkdir()
     (tmp_path / "torch" / "__init__.py").write_text(
         "raise ImportError('simulated missing torch')\n")
-    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    # (in front of any PYTHONPATH, which may be what makes this checkout importable)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        filter(None, (str(tmp_path), os.environ.get("PYTHONPATH")))))
 
     # Act
     run = bench_procs.run_worker("torch speed resnet8", ["speed", "--framework",

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 from sparsefedpp.tools.bench import mqtt_run as bench_mqtt
-from sparsefedpp.tools.bench.mqtt_run import MqttBenchConfig, format_table, run_bench
+from sparsefedpp.tools.bench.mqtt_report import format_table
+from sparsefedpp.tools.bench.mqtt_run import MqttBenchConfig, run_bench
 from sparsefedpp.tools.mosquitto import find_binary
 
 pytestmark = pytest.mark.mqtt
