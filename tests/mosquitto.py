@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
-import pytest
+from conftest import skip_or_fail
 from paho.mqtt.properties import Properties
 
 from sparsefedpp.tools import mosquitto as launcher
@@ -59,12 +59,8 @@ TEST_OVERRIDES = frozenset(
 
 def require_mosquitto() -> None:
     """Skip the calling test without mosquitto; under ``CI=true`` fail instead."""
-    if find_binary("mosquitto") and find_binary("mosquitto_passwd"):
-        return
-    message = "mosquitto not found; apt-get install mosquitto"
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"CI=true forbids this skip: {message}", pytrace=False)
-    pytest.skip(message)
+    if not (find_binary("mosquitto") and find_binary("mosquitto_passwd")):
+        skip_or_fail("mosquitto not found; apt-get install mosquitto")
 
 
 @dataclass(frozen=True)

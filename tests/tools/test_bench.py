@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import skip_or_fail
 from sparsefedpp.runtime import models
 from sparsefedpp.runtime.errors import ConfigError
 from sparsefedpp.tools import cli
@@ -17,7 +18,6 @@ from sparsefedpp.tools.bench import procs as bench_procs
 from sparsefedpp.tools.bench import report as bench_report
 from sparsefedpp.tools.metrics import read_metrics
 
-ON_CI = os.environ.get("CI") == "true"
 # --quick with the fewest steps, and batch 8 so that it stays fast on a busy machine
 QUICK = ["bench", "--quick", "--repeats", "2", "--warmup", "1", "--rss-steps", "1",
          "--batch-size", "8"]
@@ -31,9 +31,7 @@ def need_torch():
     try:
         import torch
     except ImportError as err:
-        if ON_CI:
-            pytest.fail(f"CI=true forbids this skip: torch is not importable ({err})")
-        pytest.skip("torch is not installed (pip install -e .[torch])")
+        skip_or_fail(f"torch is not importable ({err}); pip install -e .[torch]")
     return torch
 
 

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sparsefedpp.runtime.errors import ConfigError, SparseFedError
+from sparsefedpp.trainer import data as trainer_data
 
 from ..cmd_serve import config_toml
 from ..mosquitto import ANONYMOUS, Mosquitto, require_binary
@@ -48,7 +49,7 @@ from .mqtt_monitor import BYTES_SENT, Monitor
 from .mqtt_report import summarize
 from .proc_sampler import ProcRecord, Sampler
 
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_DIR = Path(trainer_data.FASHION_MNIST_DIR)
 
 
 class BenchFailed(SparseFedError):
