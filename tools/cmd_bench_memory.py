@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from sparsefedpp.runtime.errors import ConfigError, DataError
 
-from .bench_memory_worker import PHASES
+from .bench.memory_worker import PHASES
 from .bench.report import MEMORY_TARGETS
 from .flags import add_common
 from .metrics import MetricsWriter
@@ -108,7 +108,7 @@ def write_shard(path: Path, data, n: int, seed: int) -> None:
 
 def measure(framework: str, model: str, sparsity: float, args, shard: Path,
             env: dict) -> dict:
-    cmd = [sys.executable, "-m", "sparsefedpp.tools.bench_memory_worker",
+    cmd = [sys.executable, "-m", "sparsefedpp.tools.bench.memory_worker",
            "--framework", framework, "--data", str(shard), "--model", model,
            "--width", str(args.width), "--batch-size", str(args.batch_size),
            "--sparsity", str(sparsity), "--threads", str(args.threads)]
