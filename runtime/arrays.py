@@ -36,13 +36,3 @@ def check_ndim(x: np.ndarray, ndim: int, what: str | Where, layout: str) -> None
     """Raise ShapeError unless ``x`` has ``ndim`` dimensions (``layout`` names them)."""
     if x.ndim != ndim:
         raise ShapeError(f"{what}: expected x of shape {layout}, got {tuple(x.shape)}")
-
-
-def check_shape(x: np.ndarray, shape: tuple, what: str) -> None:
-    """Raise ShapeError unless ``x.shape == shape`` (``None`` entries match anything)."""
-    ok = x.ndim == len(shape) and all(
-        want is None or want == got for want, got in zip(shape, x.shape)
-    )
-    if not ok:
-        shown = tuple("N" if s is None else s for s in shape)
-        raise ShapeError(f"{what}: expected shape {shown}, got {tuple(x.shape)}")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# A whole MQTT deployment on this machine: a Mosquitto broker started from a
-# generated config on a free port, the aggregator (`sparsefedpp serve`) and N
-# device agents (`sparsefedpp client`) as separate processes, on real
+# A whole MQTT deployment on this machine: a Mosquitto broker started from the
+# shipped config on a free port (tools/mosquitto.py), the aggregator (`sparsefedpp
+# serve`) and N device agents (`sparsefedpp client`) as separate processes, on real
 # Fashion-MNIST split as the simulation splits it (or a CIFAR-10 folder as $1).
 # Logs, device state and metrics land in runs/mqtt-demo/.
 # Usage: bash scripts/mqtt_demo.sh [DATA] [DEVICES] [ROUNDS]
@@ -20,21 +20,19 @@ fi
 [ -x .venv/bin/sparsefedpp ] || { python3 -m venv .venv && .venv/bin/pip install -q -e .; }
 OUT=runs/mqtt-demo; rm -rf "$OUT"; mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
-PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-cat > "$OUT/mosquitto.conf" <<CONF
-listener $PORT 127.0.0.1
-allow_anonymous true
-persistence true
-persistence_location $OUT/
-autosave_on_changes true
-max_packet_size 4194304
-$( [ "$(id -u)" -eq 0 ] && echo "user root" )
-CONF
-MOSQUITTO=$(command -v mosquitto || echo /usr/sbin/mosquitto)
 pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; }
 trap cleanup EXIT
-"$MOSQUITTO" -c "$OUT/mosquitto.conf" > "$OUT/mosquitto.log" 2>&1 & pids+=($!)
+# The broker: the shipped deploy/mosquitto config, anonymous, on a free port, with its
+# database in $OUT/broker (tools/mosquitto.py); it prints its URL once it is ready.
+.venv/bin/python -m sparsefedpp.tools.mosquitto "$OUT/broker" > "$OUT/broker.url" \
+    2> "$OUT/mosquitto.stderr" & pids+=($!)
+for _ in $(seq 600); do
+    [ -s "$OUT/broker.url" ] || ! kill -0 "${pids[0]}" 2>/dev/null && break
+    sleep 0.1
+done
+[ -s "$OUT/broker.url" ] || { cat "$OUT/mosquitto.stderr" >&2; echo "error: the broker did not start" >&2; exit 1; }
+URL=$(head -n1 "$OUT/broker.url")
 .venv/bin/sparsefedpp partition --data "$DATA" --clients "$N" --limit $((N * 400)) --out "$OUT/shards"
 devices=$(python3 -c "print(', '.join(f'\"{k}\"' for k in range($N)))")
 cat > "$OUT/fed.toml" <<TOML
@@ -58,9 +56,9 @@ round_timeout = 300
 device_grace = 60
 TOML
 for k in $(seq 0 $((N - 1))); do
-    NUMBA_NUM_THREADS=1 .venv/bin/sparsefedpp client --broker "mqtt://127.0.0.1:$PORT" \
+    NUMBA_NUM_THREADS=1 .venv/bin/sparsefedpp client --broker "$URL" \
         --id "$k" --data "$OUT/shards/client-$k.npz" --state "$OUT/device-$k" \
         --exit-when-finished --quiet > "$OUT/device-$k.log" 2>&1 & pids+=($!)
 done
-echo "broker on 127.0.0.1:$PORT, $N devices; aggregator log follows (metrics: $OUT/aggregator/metrics.jsonl)" >&2
-.venv/bin/sparsefedpp serve --broker "mqtt://127.0.0.1:$PORT" --config "$OUT/fed.toml"
+echo "broker on $URL, $N devices; aggregator log follows (metrics: $OUT/aggregator/metrics.jsonl)" >&2
+.venv/bin/sparsefedpp serve --broker "$URL" --config "$OUT/fed.toml"

@@ -1,4 +1,4 @@
-"""Real Mosquitto brokers for tests, configured from the shipped config file.
+"""Real Mosquitto brokers for tests (``tools/mosquitto.py``), from the shipped config.
 
 The broker config under test is ``deploy/mosquitto/mosquitto.conf`` itself.
 ``render_config`` changes only what a test machine must change, and
@@ -22,8 +22,6 @@ from __future__ import annotations
 import os
 import queue
 import shutil
-import signal
-import socket
 import subprocess
 import threading
 import time
@@ -32,10 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
-import pytest
+from conftest import skip_or_fail
 from paho.mqtt.properties import Properties
 
-from sparsefedpp.tools.mosquitto_conf import (  # noqa: F401 - re-exported for tests
+from sparsefedpp.tools import mosquitto as launcher
+from sparsefedpp.tools.mosquitto import (  # noqa: F401 - re-exported for tests
+    ANONYMOUS,
     HOST,
     PLAIN_PORT,
     SHIPPED_ACL,
@@ -47,7 +47,6 @@ from sparsefedpp.tools.mosquitto_conf import (  # noqa: F401 - re-exported for t
     render_config,
 )
 
-START_TIMEOUT = 10.0
 # The users of the secure_mosquitto fixture (username -> password).
 TEST_USERS = {"aggregator": "agg-secret", "dev1": "pw1", "dev2": "pw2"}
 
@@ -60,12 +59,8 @@ TEST_OVERRIDES = frozenset(
 
 def require_mosquitto() -> None:
     """Skip the calling test without mosquitto; under ``CI=true`` fail instead."""
-    if find_binary("mosquitto") and find_binary("mosquitto_passwd"):
-        return
-    message = "mosquitto not found; apt-get install mosquitto"
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"CI=true forbids this skip: {message}", pytrace=False)
-    pytest.skip(message)
+    if not (find_binary("mosquitto") and find_binary("mosquitto_passwd")):
+        skip_or_fail("mosquitto not found; apt-get install mosquitto")
 
 
 @dataclass(frozen=True)
@@ -124,17 +119,17 @@ def make_certs(folder: str | os.PathLike) -> Certs:
     return Certs(ca[0], ca[1], *server, *client, wrong_ca_cert)
 
 
-class Mosquitto:
-    """One Mosquitto process for a test, configured from the shipped config.
+class Mosquitto(launcher.Mosquitto):
+    """The test broker: ``tools/mosquitto.py``'s launcher with the test's users, PKI
+    and persistence folder.
 
     A plain listener on ``port`` is always there (most tests avoid the TLS
     handshake); with ``tls`` a TLS listener on ``tls_port`` as well. With ``auth``
     both use the shipped password/ACL settings (``per_listener_settings false``),
     with ``users`` written to a password file and the ACL copied from
-    ``deploy/mosquitto/sfpp.acl``. Without ``auth`` the broker is anonymous, for
-    tests that do not care about security, but keeps every other shipped setting
-    (persistence, limits) except ``use_username_as_clientid`` (off: an anonymous
-    client has no username to take its id from). ``overrides`` are further
+    ``deploy/mosquitto/sfpp.acl``. Without ``auth`` the broker is anonymous
+    (``ANONYMOUS``), for tests that do not care about security, but keeps every other
+    shipped setting (persistence, limits). ``overrides`` are further
     ``render_config`` settings. ``certs`` reuses a ``make_certs`` result (0.1-0.3 s
     saved per broker).
     """
@@ -152,144 +147,38 @@ class Mosquitto:
         extra: str = "",
         certs: Certs | None = None,
     ) -> None:
-        self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.host = HOST
-        self.port = free_port()
-        self.tls_port = free_port() if tls else None
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
         if tls and certs is None:
-            certs = make_certs(self.folder / "certs")
+            certs = make_certs(folder / "certs")
         self.certs = certs if tls else None
-        self.log_path = self.folder / "mosquitto.log"
-        self.db_path = self.folder / "db" / "mosquitto.db"
-        self.config_path = self.folder / "mosquitto.conf"
-        self._stderr_path = self.folder / "mosquitto.stderr"
-        self._process: subprocess.Popen | None = None
+        self.db_path = folder / "db" / "mosquitto.db"
+        self.db_path.parent.mkdir(exist_ok=True)
         settings: dict[str, object] = {
             "persistence_location": f"{self.db_path.parent}/"}
-        if auth:
-            settings.update(self._write_auth_files(users or {}))
-        else:
-            # No username, so the client id cannot be the username: keep the ids
-            # the clients send (with the shipped option they would be refused).
-            settings.update(allow_anonymous=True, password_file=None, acl_file=None,
-                            use_username_as_clientid=False)
+        settings.update(_write_auth_files(folder, users or {}) if auth else ANONYMOUS)
         if tls:
-            settings.update(cafile=self.certs.ca_cert, certfile=self.certs.server_cert,
-                            keyfile=self.certs.server_key,
+            settings.update(cafile=certs.ca_cert, certfile=certs.server_cert,
+                            keyfile=certs.server_key,
                             require_certificate=require_certificate)
         if message_size_limit is not None:
             settings["message_size_limit"] = message_size_limit
         settings.update(overrides or {})
-        append = f"log_dest file {self.log_path}\nlog_type all\n"
-        if os.geteuid() == 0:
-            append += "user root\n"
-        self.config_text = render_config(
-            SHIPPED_CONF.read_text(),
-            listeners={TLS_PORT: self.tls_port, PLAIN_PORT: self.port},
-            append=append + extra,
-            **settings,
-        )
-        self.config_path.write_text(self.config_text)
-        self.db_path.parent.mkdir(exist_ok=True)
+        super().__init__(folder, tls=tls, settings=settings, append=extra)
 
-    def _write_auth_files(self, users: Mapping[str, str]) -> dict[str, object]:
-        password_file = self.folder / "sfpp.passwd"
-        password_file.write_text("".join(f"{u}:{p}\n" for u, p in users.items()))
-        password_file.chmod(0o600)
-        # -U hashes a plain "user:password" file in place: one call for all users.
-        subprocess.run([find_binary("mosquitto_passwd"), "-U", str(password_file)],
-                       check=True, capture_output=True)
-        acl_file = self.folder / "sfpp.acl"
-        shutil.copyfile(SHIPPED_ACL, acl_file)
-        return {"password_file": password_file, "acl_file": acl_file}
 
-    @property
-    def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
-
-    @property
-    def tls_url(self) -> str:
-        if self.tls_port is None:
-            raise ValueError("Mosquitto.tls_url: expected a broker with tls=True")
-        return f"mqtts://{self.host}:{self.tls_port}"
-
-    @property
-    def is_running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
-
-    def start(self) -> Mosquitto:
-        """Start the broker and wait until every listener accepts TCP connections."""
-        if self.is_running:
-            raise RuntimeError("Mosquitto.start: already running")
-        with open(self._stderr_path, "ab") as stderr:
-            self._process = subprocess.Popen(
-                [find_binary("mosquitto"), "-c", str(self.config_path)],
-                stdout=stderr, stderr=stderr, stdin=subprocess.DEVNULL,
-            )
-        deadline = time.monotonic() + START_TIMEOUT
-        for port in filter(None, (self.port, self.tls_port)):
-            self._wait_for_port(port, deadline)
-        return self
-
-    def _wait_for_port(self, port: int, deadline: float) -> None:
-        # A bare TCP connect; on the TLS port it logs "unexpected eof", harmless.
-        while True:
-            if self._process.poll() is not None:
-                code = self._process.returncode
-                raise RuntimeError(f"mosquitto exited with code {code} at start:\n"
-                                   f"{self.log_tail()}")
-            try:
-                with socket.create_connection((self.host, port), timeout=0.5):
-                    return
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                self.kill()
-                raise RuntimeError(f"mosquitto: port {port} not open after "
-                                   f"{START_TIMEOUT} s:\n{self.log_tail()}")
-            time.sleep(0.02)
-
-    def _end(self, sig: int) -> None:
-        if not self.is_running:
-            return
-        self._process.send_signal(sig)
-        try:
-            self._process.wait(timeout=START_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
-
-    def stop(self) -> None:
-        """SIGTERM: a clean shutdown, which also saves the persistence database."""
-        self._end(signal.SIGTERM)
-
-    def kill(self) -> None:
-        """SIGKILL: a crash; only what autosave already wrote to disk survives."""
-        self._end(signal.SIGKILL)
-
-    def restart(self, *, kill: bool = False) -> Mosquitto:
-        """Stop (or kill) and start again on the same ports and database."""
-        if kill:
-            self.kill()
-        else:
-            self.stop()
-        return self.start()
-
-    def log_tail(self, num_lines: int = 40) -> str:
-        """The last lines of the broker's stderr (config errors) and log file."""
-        parts = []
-        for path in (self._stderr_path, self.log_path):
-            if path.exists():
-                lines = path.read_text(errors="replace").splitlines()[-num_lines:]
-                parts.append(f"--- {path.name}\n" + "\n".join(lines))
-        return "\n".join(parts) or "(no broker output)"
-
-    def __enter__(self) -> Mosquitto:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
+def _write_auth_files(folder: Path, users: Mapping[str, str]) -> dict[str, object]:
+    """A hashed password file for ``users`` and a copy of the shipped ACL in ``folder``;
+    the render_config settings that point at them."""
+    password_file = folder / "sfpp.passwd"
+    password_file.write_text("".join(f"{u}:{p}\n" for u, p in users.items()))
+    password_file.chmod(0o600)
+    # -U hashes a plain "user:password" file in place: one call for all users.
+    subprocess.run([find_binary("mosquitto_passwd"), "-U", str(password_file)],
+                   check=True, capture_output=True)
+    acl_file = folder / "sfpp.acl"
+    shutil.copyfile(SHIPPED_ACL, acl_file)
+    return {"password_file": password_file, "acl_file": acl_file}
 
 
 # --- Raw paho clients for broker tests ---------------------------------------------

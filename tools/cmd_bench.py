@@ -5,10 +5,10 @@ inference time of ResNet-8 and ResNet-18, the peak RSS of a training process, an
 the time to the first train step in a new process with a warm Numba cache; prints
 ratios ours/PyTorch next to the issue's targets, with a verdict per row.
 
-Each framework runs in its own ``bench_worker`` process: torch's OpenMP threads
+Each framework runs in its own ``bench/worker.py`` process: torch's OpenMP threads
 keep spinning after each torch call and slow NumPy down in the same process, and
 peak RSS has to be per framework. The speed workers persist (``--serve``) and take
-turns of ``--block`` steps (``tools.timing.take_turns``, the order rotating), so
+turns of ``--block`` steps (``bench.timing.take_turns``, the order rotating), so
 a slow spell of the shared machine falls on both; a time ratio is the median over
 turns of median(ours) / median(torch) in the turn, with its min-max over the
 turns. Peak RSS is a fresh worker's ``VmHWM``: on Linux a child's ``ru_maxrss``
@@ -32,12 +32,12 @@ import numpy as np
 from sparsefedpp.runtime import models
 from sparsefedpp.runtime.errors import ConfigError
 
-from .bench_procs import ServingWorker, WorkerFailed, WorkerRun, run_worker, worker_env
-from .bench_report import FIRST_STEP_MODEL, build_rows, format_markdown, format_text
-from .cmd_train import add_common
+from .bench.procs import ServingWorker, WorkerFailed, WorkerRun, run_worker, worker_env
+from .bench.report import FIRST_STEP_MODEL, build_rows, format_markdown, format_text
+from .flags import add_common
 from .metrics import MetricsWriter
 from .progress import say
-from .timing import take_turns
+from .bench.timing import take_turns
 
 MODELS = ("resnet8", "resnet18")
 #: (normal, --quick) defaults of the flags left unset

@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 from sparsefedpp.runtime.errors import ConfigError, DataError
 
-from .bench_memory_worker import PHASES
-from .bench_report import MEMORY_TARGETS
-from .cmd_train import add_common
+from .bench.memory_worker import PHASES
+from .bench.report import MEMORY_TARGETS
+from .flags import add_common
 from .metrics import MetricsWriter
 from .progress import say
 
@@ -126,7 +126,7 @@ def write_global_model(path: Path, model: str, sparsity: float, width: float,
 
 def measure(framework: str, model: str, sparsity: float, args, shard: Path,
             env: dict, global_model: Path | None = None) -> dict:
-    cmd = [sys.executable, "-m", "sparsefedpp.tools.bench_memory_worker",
+    cmd = [sys.executable, "-m", "sparsefedpp.tools.bench.memory_worker",
            "--framework", framework, "--data", str(shard), "--model", model,
            "--width", str(args.width), "--batch-size", str(args.batch_size),
            "--sparsity", str(sparsity), "--threads", str(args.threads)]

@@ -1,4 +1,4 @@
-"""``sparsefedpp bench-mqtt``: load benchmark of an MQTT federation (bench_mqtt.py).
+"""``sparsefedpp bench-mqtt``: load benchmark of an MQTT federation (tools/bench/mqtt_*.py).
 
 Starts its own Mosquitto, N ``sparsefedpp client`` processes and one ``sparsefedpp
 serve`` on this machine, runs R rounds with every device selected, and reports
@@ -16,8 +16,9 @@ from pathlib import Path
 
 from sparsefedpp.runtime import models
 
-from .bench_mqtt import MqttBenchConfig, format_table, run_bench
-from .cmd_train import add_common
+from .bench.mqtt_report import format_table
+from .bench.mqtt_run import MqttBenchConfig, run_bench
+from .flags import add_common
 from .metrics import MetricsWriter
 from .progress import say
 

@@ -1,6 +1,6 @@
 """``sparsefedpp bench-sparse``: train ms against density, ours beside PyTorch's dense step.
 
-For each model, one persistent ``bench_worker sparse --serve`` process per
+For each model, one persistent ``bench/worker.py sparse --serve`` process per
 sparsity S (weights of every conv/linear layer pruned to S, the top 1 - S of their
 input activations kept for backward, Powerprop alpha 1.25) and one persistent
 PyTorch worker of the same architecture (dense) take turns of ``--block`` steps,
@@ -22,12 +22,12 @@ import time
 import numpy as np
 from sparsefedpp.runtime.errors import ConfigError
 
-from .bench_procs import ServingWorker, WorkerFailed, worker_env
-from .bench_report import SPARSE_TARGETS, format_ratio, paired_stats
-from .cmd_train import add_common
+from .bench.procs import ServingWorker, WorkerFailed, worker_env
+from .bench.report import SPARSE_TARGETS, format_ratio, paired_stats
+from .flags import add_common
 from .metrics import MetricsWriter
 from .progress import say
-from .timing import take_turns, turn_ratios
+from .bench.timing import take_turns, turn_ratios
 
 MODELS = ("resnet8", "resnet18")
 SPARSITIES = (0.0, 0.5, 0.9, 0.95, 0.99, 0.995, 0.999)

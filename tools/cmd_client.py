@@ -6,8 +6,7 @@ from sparsefedpp.trainer.data import load_dataset
 from sparsefedpp.trainer.memory_budget import parse_size
 from sparsefedpp.trainer.mqtt_client import AgentConfig, DeviceAgent
 
-from .broker_flags import add_broker_flags, broker_settings, setup_logging
-from .cmd_train import add_common
+from .flags import add_broker_flags, add_common, broker_settings, setup_logging
 from .device_check import run_checks
 
 

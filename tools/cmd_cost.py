@@ -21,7 +21,7 @@ from sparsefedpp.runtime import (
 )
 from sparsefedpp.runtime.errors import ConfigError
 
-from .cmd_train import add_common
+from .flags import add_common
 
 POLICIES = ("dense", "fixed", "weight-driven")
 

@@ -11,7 +11,7 @@ from sparsefedpp.runtime.errors import ConfigError
 from sparsefedpp.trainer.data import load_dataset
 from sparsefedpp.trainer.local import evaluate
 
-from .cmd_train import add_common
+from .flags import add_common
 from .metrics import MetricsWriter
 from .progress import say
 

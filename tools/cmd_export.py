@@ -8,7 +8,7 @@ from pathlib import Path
 from sparsefedpp.runtime import checkpoint
 from sparsefedpp.runtime.errors import ConfigError
 
-from .cmd_train import add_common
+from .flags import add_common, onnx_exporter
 from .metrics import MetricsWriter
 from .progress import say
 
@@ -35,15 +35,6 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
-def _import_builder():
-    try:
-        from . import onnx_export
-    except ImportError as err:
-        raise ConfigError(f"export: expected the onnx package, got ImportError ({err}); "
-                          "pip install onnx") from None
-    return onnx_export
-
-
 def _onnxruntime_refuses(blob: bytes) -> str | None:
     """Why onnxruntime cannot load ``blob`` (None if it can, or if it is missing)."""
     try:
@@ -67,7 +58,7 @@ def export(model, meta: dict, out, *, opset: int = DEFAULT_OPSET,
     Sparse initializers fall back to dense per tensor where they would not be
     smaller, and for the whole file if onnxruntime refuses to load the sparse one.
     """
-    onnx_export = _import_builder()
+    onnx_export = onnx_exporter()
     kwargs = {"opset": opset, "fold_bn": fold_bn}
     proto, report = onnx_export.build_onnx(
         model, meta, sparse_initializers=sparse_initializers, **kwargs)

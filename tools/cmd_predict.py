@@ -20,7 +20,7 @@ from sparsefedpp.runtime import checkpoint, inference, pruning
 from sparsefedpp.runtime.errors import CheckpointError, ConfigError
 from sparsefedpp.trainer.data import Dataset, batches, load_dataset
 
-from .cmd_train import add_common
+from .flags import add_common, onnx_exporter
 from .metrics import MetricsWriter
 from .progress import say
 
@@ -133,8 +133,7 @@ def load_predictor(path, engine: str | None, threads: int) -> Predictor:
     model, meta = checkpoint.load(path)
     engine = engine or "dense"
     if engine == "onnxruntime":
-        from .cmd_export import _import_builder
-        proto, _ = _import_builder().build_onnx(model, meta)
+        proto, _ = onnx_exporter().build_onnx(model, meta)
         return _session_predictor(ort_session(proto.SerializeToString(), threads), meta)
     for layer in pruning.prunable_layers(model).values():
         layer.kernel = engine  # "dense" or "csr": the layer's forward kernel

@@ -23,8 +23,7 @@ from sparsefedpp.runtime.errors import ConfigError
 from sparsefedpp.server.mqtt_service import Aggregator, ServiceConfig
 from sparsefedpp.trainer.data import load_dataset
 
-from .broker_flags import add_broker_flags, broker_settings, setup_logging
-from .cmd_train import add_common
+from .flags import add_broker_flags, add_common, broker_settings, setup_logging
 from .metrics import MetricsWriter
 from .progress import say
 from .simulate import SimConfig, config_dict, device_round_config, server_side

@@ -27,7 +27,7 @@ from sparsefedpp.runtime.errors import ConfigError
 from sparsefedpp.server.robust import AGGREGATORS
 from sparsefedpp.trainer.client import METHODS
 
-from .cmd_train import add_common
+from .flags import add_common
 from .metrics import MetricsWriter, read_metrics
 from .progress import say
 from .simulate import ATTACKS, SimConfig, Simulation, config_dict

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -17,16 +16,9 @@ from sparsefedpp.trainer.local import (
     train_epochs,
 )
 
+from .flags import add_common
 from .metrics import MetricsWriter
 from .progress import ProgressBar, say
-
-
-def add_common(p: argparse.ArgumentParser) -> None:
-    """Flags every command takes: seed, quiet, metrics output."""
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
-    p.add_argument("--metrics", default=None,
-                   help="JSON-lines metrics file ('-' for stdout)")
 
 
 def add_parser(sub) -> None:

@@ -10,7 +10,6 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-import numpy as np
 from sparsefedpp.runtime import inference
 from sparsefedpp.runtime.errors import ConfigError
 from sparsefedpp.runtime.losses import softmax_cross_entropy
@@ -105,15 +104,3 @@ def evaluate(model, data: Dataset, batch_size: int = 256) -> dict[str, float]:
             correct += int((logits.argmax(axis=1) == y).sum())
     n = len(data)
     return {"loss": total_loss / n, "accuracy": correct / n, "num_examples": n}
-
-
-def per_class_accuracy(model, data: Dataset, batch_size: int = 256) -> np.ndarray:
-    """Accuracy per class, shape (num_classes,), for reports."""
-    hits = np.zeros(len(data.classes))
-    counts = np.zeros(len(data.classes))
-    with inference.frozen(model):
-        for x, y in batches(data, batch_size, seed=0, shuffle=False):
-            pred = model.forward(x, train=False).argmax(axis=1)
-            np.add.at(counts, y, 1)
-            np.add.at(hits, y, pred == y)
-    return hits / np.maximum(counts, 1)

@@ -361,14 +361,25 @@ def test_linear_grad_weight_sparse_matches_dense(n, n_in, n_out, keep, data):
     assert kern.linear_grad_weight_sparse_macs(act.indices(), n_out) == act.kept * n_out
 
 
-def test_linear_grad_weight_sparse_many_parts():
+@pytest.mark.parametrize("parts", [2, 3, 7])
+def test_linear_grad_weight_sparse_many_parts(monkeypatch, parts):
+    # Arrange: the kept list cut into `parts` slices (one per thread in use), whatever
+    # the thread count of this machine; 7 does not divide the kept count evenly
     rng = np.random.default_rng(3)
     x = np.maximum(rng.standard_normal((64, 300)), 0).astype(np.float32)
     g = rng.standard_normal((64, 10)).astype(np.float32)
     act, xm = sparse_case(x, 0.6)
+    assert isinstance(act, SparseActivations) and act.kept % 7 != 0
+    asked = []
+    monkeypatch.setattr(kern, "_num_parts", lambda n_kept: asked.append(n_kept) or parts)
+
+    # Act
     grad_w = kern.linear_grad_weight_sparse(act.indices(), act.values, x.shape, g)
+
+    # Assert: the kernel was cut into the parts, and their partial sums add up to
+    # the whole product (a lost or doubled slice would not)
+    assert asked == [act.kept]
     np.testing.assert_allclose(grad_w, g.T @ xm, rtol=1e-4, atol=1e-4)
-    assert isinstance(act, SparseActivations)
 
 
 def assert_same_compression(a: SparseActivations, b: SparseActivations):

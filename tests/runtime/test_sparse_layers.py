@@ -19,7 +19,7 @@ from sparsefedpp.runtime import (
     softmax_cross_entropy,
 )
 from sparsefedpp.runtime.kernels import conv
-from sparsefedpp.runtime.sparse_activation import SparseActivations
+from sparsefedpp.runtime.sparse_activation import ActivationSparsifier, SparseActivations
 
 pytestmark = pytest.mark.device  # part of the emulated-ARM subset (.ci/aarch64.sh)
 
@@ -46,15 +46,34 @@ def _topk_mask(x, keep):
 
 @pytest.mark.parametrize("policy", ["fixed0", "weight_driven"])
 def test_sparsity_zero_reproduces_the_dense_engine_exactly(policy):
+    # Arrange: the policy at sparsity zero keeps everything ...
     dense = models.build("resnet8", seed=0, alpha=1.25)
     sparse = copy.deepcopy(dense)
     if policy == "fixed0":
-        activation_policy.fixed(sparse, 0.0)
+        kept = activation_policy.fixed(sparse, 0.0)
     else:
-        activation_policy.weight_driven(sparse, min_keep=0.05)  # nothing pruned: keep 1
+        kept = activation_policy.weight_driven(sparse, min_keep=0.05)  # nothing pruned
+    assert set(kept.values()) == {1.0}
+    # ... and a layer takes keep 1 as "dense input"; run that keep through the sparse
+    # machinery instead: the SWAT backward from compressed activations that hold
+    # every nonzero
+    layers = pruning.prunable_layers(sparse)
+    for name, layer in layers.items():
+        assert layer.sparsifier is None and layer.weight_keep is None, name
+        layer.sparsifier = ActivationSparsifier(kept[name], refresh_every=0)
     x, y = _batch(0)
+
+    # Act
     gx_d, g_d = _step(dense, x, y)
     gx_s, g_s = _step(sparse, x, y)
+
+    # Assert: the compressed path ran (after a ReLU a layer held only its nonzeros,
+    # about half; the image into conv1 and the pooled features into fc have no zeros),
+    # the dense one did not, and the gradients are bit-identical
+    held = {name: layer.cost.act_keep for name, layer in layers.items()}
+    assert all(0.3 < held[n] < 0.8 for n in held if n not in ("conv1", "fc")), held
+    dense_layers = pruning.prunable_layers(dense).values()
+    assert {layer.cost.act_keep for layer in dense_layers} == {1.0}
     np.testing.assert_array_equal(gx_s, gx_d)
     for k in g_d:
         np.testing.assert_array_equal(g_s[k], g_d[k], err_msg=k)

@@ -3,6 +3,7 @@ pruning of the global model and evaluation at one-shot sparsities."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 import numpy as np
@@ -49,9 +50,26 @@ def _sparsity(tensors: dict, names: list[str]) -> float:
 
 # ---------------------------------------------------------------------- sampling
 def test_fedavg_is_a_strategy():
-    assert isinstance(FedAvg(per_round=1), Strategy)
+    # Arrange
+    strategy = FedAvg(per_round=2, seed=0)
+    callbacks = Strategy.__abstractmethods__
+
+    # Assert: FedAvg implements every callback of the interface itself, with the
+    # interface's parameters (the round loop calls them by keyword too) ...
+    assert callbacks and isinstance(strategy, Strategy)
     with pytest.raises(TypeError):
         Strategy()
+    for name in callbacks:
+        assert name in vars(FedAvg), f"FedAvg inherits the abstract {name}"
+        ours, interface = (inspect.signature(getattr(cls, name)).parameters
+                           for cls in (FedAvg, Strategy))
+        assert list(ours) == list(interface), name
+    # ... and answers as the interface documents: instructions for the picked
+    # clients, None when there is nothing to aggregate or no server-side evaluation
+    picked = strategy.configure_round(1, IDS)
+    assert len(picked) == 2 and all(isinstance(i, ClientInstruction) for i in picked)
+    assert strategy.aggregate(1, [], [(picked[0].client_id, "timeout")]) is None
+    assert strategy.evaluate(1, {}) is None
 
 
 def test_sampling_is_deterministic_per_seed_and_round():

@@ -6,35 +6,20 @@ import os
 from pathlib import Path
 
 import pytest
-from sparsefedpp.tools import bench_mqtt
-from sparsefedpp.tools.bench_mqtt import MqttBenchConfig, format_table, run_bench
-from sparsefedpp.tools.mosquitto_conf import find_binary
+from conftest import skip_or_fail
+from sparsefedpp.tools.bench.mqtt_report import format_table
+from sparsefedpp.tools.bench.mqtt_run import MqttBenchConfig, run_bench
+from sparsefedpp.tools.mosquitto import find_binary
 
 pytestmark = pytest.mark.mqtt
 
-CIFAR = Path(__file__).resolve().parents[2].parent / "shared/data/cifar-10-batches-py"
 
-
-def _need(what: str) -> None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"CI=true forbids this skip: {what}", pytrace=False)
-    pytest.skip(what)
-
-
-def _data() -> str:
-    if bench_mqtt.FASHION_MNIST_DIR.is_dir():
-        return "fashion-mnist"
-    if CIFAR.is_dir():
-        return str(CIFAR)
-    _need(f"no dataset: neither {bench_mqtt.FASHION_MNIST_DIR} nor {CIFAR}")
-
-
-def test_three_devices_one_round(tmp_path):
+def test_three_devices_one_round(tmp_path, small_dataset):
     # Arrange
     if find_binary("mosquitto") is None:
-        _need("mosquitto not found; apt-get install mosquitto")
-    cfg = MqttBenchConfig(devices=3, rounds=1, data=_data(), limit=16, test_limit=50,
-                          timeout=120)
+        skip_or_fail("mosquitto not found; apt-get install mosquitto")
+    cfg = MqttBenchConfig(devices=3, rounds=1, data=small_dataset, limit=16,
+                          test_limit=50, timeout=120)
     lines = []
 
     # Act

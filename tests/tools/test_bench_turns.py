@@ -11,10 +11,12 @@ import os
 
 import numpy as np
 import pytest
-from sparsefedpp.tools import bench_procs, bench_report, cli, cmd_bench_memory
-from sparsefedpp.tools import cmd_bench_sparse, profile_step
+from sparsefedpp.tools import cli, cmd_bench_memory, cmd_bench_sparse
+from sparsefedpp.tools.bench import procs as bench_procs
+from sparsefedpp.tools.bench import profile_step
+from sparsefedpp.tools.bench import report as bench_report
 from sparsefedpp.tools.metrics import read_metrics
-from sparsefedpp.tools.timing import ratio_spread, take_turns, turn_ratios
+from sparsefedpp.tools.bench.timing import ratio_spread, take_turns, turn_ratios
 
 TINY = ["--batch-size", "4", "--width", "0.25"]
 

@@ -1,24 +1,12 @@
 """The train and evaluate commands end to end on small real-data subsets."""
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 from sparsefedpp.runtime import checkpoint
 from sparsefedpp.tools.cli import main
-
-CIFAR = Path(__file__).resolve().parents[2].parent / "shared/data/cifar-10-batches-py"
-
-
-def _cifar_or_skip() -> Path:
-    if not CIFAR.is_dir():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CIFAR-10 expected at {CIFAR} in CI")
-        pytest.skip(f"no CIFAR-10 at {CIFAR}")
-    return CIFAR
-
 
 def _tiny_npz(path: Path, n: int = 64) -> Path:
     rng = np.random.default_rng(0)
@@ -29,9 +17,9 @@ def _tiny_npz(path: Path, n: int = 64) -> Path:
 
 
 @pytest.mark.slow
-def test_resnet8_one_epoch_on_cifar_subset_beats_chance(tmp_path):
+def test_resnet8_one_epoch_on_cifar_subset_beats_chance(tmp_path, cifar_dir):
     # Arrange: 3,000 real CIFAR-10 training images, 1,000 test images.
-    data = _cifar_or_skip()
+    data = cifar_dir
     out = tmp_path / "run"
     # Act
     code = main(["train", "--model", "resnet8", "--data", str(data), "--epochs", "1",

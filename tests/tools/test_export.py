@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,6 @@ from sparsefedpp.runtime.models import build
 from sparsefedpp.tools import cmd_export, onnx_export
 from sparsefedpp.tools.cli import main
 from sparsefedpp.tools.cmd_predict import ort_session
-from sparsefedpp.trainer.data import FASHION_MNIST_DIR
 
 META = {"method": "sparsefedpp", "sparsity": 0.99, "classes": [f"c{i}" for i in range(10)],
         "mean": [0.49, 0.48, 0.45], "std": [0.25, 0.24, 0.26]}
@@ -204,16 +202,8 @@ def test_unknown_layer_is_a_config_error():
 
 
 # --------------------------------------------------------------------- the CLI
-def _fashion_or_skip() -> None:
-    if not Path(FASHION_MNIST_DIR).is_dir():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"Fashion-MNIST expected at {FASHION_MNIST_DIR} in CI")
-        pytest.skip(f"no Fashion-MNIST at {FASHION_MNIST_DIR}")
-
-
-def test_predict_agrees_on_fashion_mnist(tmp_path, capsys):
+def test_predict_agrees_on_fashion_mnist(tmp_path, capsys, fashion_mnist_dir):
     # Arrange: a briefly trained CNN, pruned to 90 %, exported with folding
-    _fashion_or_skip()
     run = tmp_path / "run"
     assert main(["train", "--model", "cnn", "--width", "0.5", "--data", "fashion-mnist",
                  "--epochs", "1", "--limit", "2000", "--test-limit", "100",

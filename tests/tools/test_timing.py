@@ -1,9 +1,9 @@
-"""tools/timing.py: turns of interleaved calls and the ratio of paired turns."""
+"""tools/bench/timing.py: turns of interleaved calls and the ratio of paired turns."""
 
 from __future__ import annotations
 
 import pytest
-from sparsefedpp.tools.timing import paired_ratio, time_interleaved
+from sparsefedpp.tools.bench.timing import paired_ratio, time_interleaved
 
 
 def test_interleaved_calls_take_turns_in_blocks_with_a_rotating_order():

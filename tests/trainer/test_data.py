@@ -14,8 +14,6 @@ import pytest
 from sparsefedpp.runtime.errors import ConfigError, DataError
 from sparsefedpp.trainer import data as D
 
-CIFAR_DIR = Path("/work/shared/data/cifar-10-batches-py")
-FASHION_DIR = Path(D.FASHION_MNIST_DIR)
 
 
 # ------------------------------------------------------------------- helpers
@@ -82,12 +80,8 @@ def raises_data_error(path: Path, *fragments: str):
 
 # ------------------------------------------------------------- real CIFAR-10
 @pytest.fixture(scope="module")
-def cifar() -> tuple[D.Dataset, D.Dataset]:
-    if not CIFAR_DIR.is_dir():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CIFAR-10 missing at {CIFAR_DIR} under CI")
-        pytest.skip(f"CIFAR-10 not at {CIFAR_DIR}")
-    return D.load_cifar10(CIFAR_DIR, "train"), D.load_cifar10(CIFAR_DIR, "test")
+def cifar(cifar_dir) -> tuple[D.Dataset, D.Dataset]:
+    return D.load_cifar10(cifar_dir, "train"), D.load_cifar10(cifar_dir, "test")
 
 
 def test_real_cifar10(cifar):
@@ -110,9 +104,7 @@ def test_real_cifar10_batches(cifar):
     assert y.dtype == np.int64 and abs(float(x.mean())) < 0.5
 
 
-def test_real_fashion_mnist():
-    if not FASHION_DIR.is_dir():
-        pytest.skip(f"no {FASHION_DIR} (sudo apt-get install dataset-fashion-mnist)")
+def test_real_fashion_mnist(fashion_mnist_dir):
     train = D.load_fashion_mnist()
     test = D.load_dataset("fashion-mnist", "test")
     assert train.images.shape == (60000, 1, 28, 28) and test.images.shape[0] == 10000

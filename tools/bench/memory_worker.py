@@ -26,7 +26,7 @@ import json
 import sys
 import time
 
-from .bench_worker import proc_status_mb  # standard library only at its top
+from sparsefedpp.tools.bench.worker import proc_status_mb  # standard library only at its top
 
 PHASES = ("interpreter", "numpy", "framework", "kernels", "data", "weights",
           "first_step", "round")
@@ -122,7 +122,7 @@ def torch_side(args, phases: dict, out: dict) -> None:
     phases["kernels"] = phases["framework"]
     import numpy as np
 
-    from . import bench_torch
+    from sparsefedpp.tools.bench import torch_models as bench_torch
 
     with np.load(args.data) as f:
         images, labels = f["x_train"], f["y_train"].astype(np.int64)

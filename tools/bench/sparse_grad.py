@@ -1,9 +1,9 @@
 """Benchmark sparse-activation weight gradients (SWAT) against the dense kernel.
 
-Usage:  NUMBA_NUM_THREADS=2 python tools/bench_sparse_grad.py [--reps 15]
+Usage:  NUMBA_NUM_THREADS=2 python tools/bench/sparse_grad.py [--reps 15]
             [--batch 32] [--keep 1,0.5,0.1,0.05,0.01,0.001]
 
-For every ResNet-8 conv shape (as ``tools/bench_conv.py --set r8`` without the
+For every ResNet-8 conv shape (as ``tools/bench/conv.py --set r8`` without the
 3-channel stem) and keep fraction, on x = ReLU(standard normal) (about half zeros;
 keep 1.0 keeps every nonzero):
 
@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-from sparsefedpp.tools.timing import time_ms
+from sparsefedpp.tools.bench.timing import time_ms
 
 # (C, H, O, k, stride, pad) at batch N, square H x H inputs
 R8 = [(16, 32, 16, 3, 1, 1), (16, 32, 32, 3, 2, 1), (32, 16, 32, 3, 1, 1),

@@ -1,7 +1,7 @@
 """``sparsefedpp bench`` results: rows with ratios ours/PyTorch, targets, tables.
 
 Time ratios are paired: the median over turns of median(ours) / median(torch) in
-the same turn (``tools.timing``), with the spread over the turns; the rows keep
+the same turn (``bench.timing``), with the spread over the turns; the rows keep
 the raw per-turn times so a tool can recompute any statistic.
 """
 

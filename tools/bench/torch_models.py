@@ -77,7 +77,7 @@ def build(name: str, num_classes: int = 10, width: float = 1.0,
           in_channels: int = 3) -> ResNet:
     """The torch ResNet matching ``runtime.models.build(name, ...)`` (same widths)."""
     if name not in ARCHS:
-        raise ValueError(f"bench_torch.build name: expected one of "
+        raise ValueError(f"torch_models.build name: expected one of "
                          f"{', '.join(ARCHS)}, got {name!r}")
     blocks, widths = ARCHS[name]
     # the same rounding as runtime.models._scaled

@@ -1,6 +1,6 @@
 """Benchmark ONNX export: file sizes and inference latency, engine against onnxruntime.
 
-Usage:  nice python tools/bench_onnx.py [--models resnet8,resnet18] [--threads 2]
+Usage:  nice python tools/bench/onnx_speed.py [--models resnet8,resnet18] [--threads 2]
             [--reps 5] [--sparsity 0.99] [--scope global|layer] [--skip-sizes]
             [--skip-latency]
 
@@ -30,7 +30,7 @@ from sparsefedpp.runtime import inference, pruning
 from sparsefedpp.runtime.models import build
 from sparsefedpp.tools.cmd_predict import ort_session
 from sparsefedpp.tools.onnx_export import build_onnx
-from sparsefedpp.tools.timing import paired_ratio, time_interleaved
+from sparsefedpp.tools.bench.timing import paired_ratio, time_interleaved
 
 SPARSITIES = (0.9, 0.99, 0.999)
 

@@ -1,6 +1,6 @@
 """Bytes on the wire per codec preset for pruned ResNet state dicts (runtime/codec.py).
 
-Usage:  python tools/bench_codec.py [--models resnet8,resnet18]
+Usage:  python tools/bench/codec.py [--models resnet8,resnet18]
             [--sparsities 0,0.9,0.99,0.999] [--presets dense,csr32,...]
             [--bn init|trained] [--reps 1]
 

@@ -1,6 +1,6 @@
 """Benchmark the CSR kernels (runtime/kernels/csr.py) against the dense ones.
 
-Usage:  NUMBA_NUM_THREADS=2 python tools/bench_csr.py [--set r8|r18|all]
+Usage:  NUMBA_NUM_THREADS=2 python tools/bench/csr.py [--set r8|r18|all]
             [--reps 5] [--batch 32] [--densities 1,0.5,0.2,0.1,0.05,0.01,0.001]
             [--low] [--path auto|planes|direct] [--stat median|min]
 
@@ -23,7 +23,7 @@ import itertools
 import sys
 
 import numpy as np
-from sparsefedpp.tools.timing import time_ms
+from sparsefedpp.tools.bench.timing import time_ms
 
 # conv: (C, H, O, k, stride, pad) on square H x H inputs; linear: (in, out)
 R8 = [(16, 32, 16, 3, 1, 1), (16, 32, 32, 3, 2, 1), (32, 16, 32, 3, 1, 1),

@@ -1,6 +1,6 @@
 """One ``sparsefedpp bench`` measurement in a fresh process; prints one JSON line.
 
-``python -m sparsefedpp.tools.bench_worker TASK --framework ours|torch ...`` where
+``python -m sparsefedpp.tools.bench.worker TASK --framework ours|torch ...`` where
 TASK is ``speed`` (train-step and inference times), ``rss`` (RSS after imports and
 peak RSS of a few train steps), ``first-step`` (import + build + one train step)
 or ``sparse`` (our engine at a given weight/activation sparsity).
@@ -10,7 +10,7 @@ With ``--serve`` (tasks ``speed`` and ``sparse``) the worker sets up, prints a
 stdin: ``{"op": "train", "n": 5}`` runs one untimed and 5 timed calls and answers
 ``{"ok": true, "op": "train", "times_ms": [...]}``; ``{"op": "done"}`` ends with
 the final record (peak RSS). So two persistent workers, ours and torch, can take
-turns (``tools.timing.take_turns``) and every turn has a partner to divide by.
+turns (``bench.timing.take_turns``) and every turn has a partner to divide by.
 
 One framework per process, because torch's OpenMP threads keep spinning after a
 torch call and add a floor of milliseconds to every NumPy call made in the same
@@ -154,7 +154,7 @@ class Ours:
 
 
 class Torch:
-    """PyTorch on the CPU with the same architecture (``bench_torch``)."""
+    """PyTorch on the CPU with the same architecture (``bench/torch_models.py``)."""
 
     name = "torch"
 
@@ -162,7 +162,7 @@ class Torch:
         import torch
 
         torch.set_num_threads(threads)
-        from . import bench_torch
+        from . import torch_models as bench_torch
 
         self.torch, self.bench_torch = torch, bench_torch
         self.loss = torch.nn.functional.cross_entropy
@@ -412,7 +412,7 @@ def emit(record: dict) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m sparsefedpp.tools.bench_worker")
+    p = argparse.ArgumentParser(prog="python -m sparsefedpp.tools.bench.worker")
     p.add_argument("task", choices=tuple(TASKS))
     p.add_argument("--framework", required=True, choices=("ours", "torch"))
     p.add_argument("--model", default="resnet8")

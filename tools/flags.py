@@ -1,4 +1,9 @@
-"""Broker flags shared by ``serve`` and ``client``, and the log set-up of both."""
+"""Command-line flags and helpers that several commands share, in one place.
+
+``add_common`` (seed, quiet, metrics) is taken by every command; the broker flags
+and the log set-up by ``serve`` and ``client``; ``onnx_exporter`` by ``export`` and
+``predict``. A command module imports from here, never from another command.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,15 @@ import argparse
 import logging
 
 from sparsefedpp.runtime.broker import BrokerSettings
+from sparsefedpp.runtime.errors import ConfigError
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    """Flags every command takes: seed, quiet, metrics output."""
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--metrics", default=None,
+                   help="JSON-lines metrics file ('-' for stdout)")
 
 
 def add_broker_flags(p: argparse.ArgumentParser, *, default_user: str | None) -> None:
@@ -42,3 +56,14 @@ def setup_logging(quiet: bool, debug: bool = False) -> None:
     # the service and the agent log disconnects and what they do about them
     logging.getLogger("sparsefedpp.runtime.broker").setLevel(
         logging.DEBUG if debug else logging.CRITICAL)
+
+
+def onnx_exporter():
+    """The ``onnx_export`` module, imported on first use: it needs the onnx package,
+    which only ``export`` and ``predict --engine onnx`` want; ConfigError without it."""
+    try:
+        from . import onnx_export
+    except ImportError as err:
+        raise ConfigError(f"export: expected the onnx package, got ImportError ({err}); "
+                          "pip install onnx") from None
+    return onnx_export

@@ -1,6 +1,6 @@
 """Benchmark the conv kernels (runtime/kernels/conv.py) against PyTorch CPU.
 
-Usage:  python tools/bench_conv.py [--set r8|r18|all] [--reps 20] [--batch 32]
+Usage:  python tools/bench/conv.py [--set r8|r18|all] [--reps 20] [--batch 32]
                                     [--threads 2] [--clock wall|cpu] [--no-torch]
 
 Prints one row per layer shape: our forward, our forward+backward (forward,
@@ -26,7 +26,7 @@ import sys
 import time
 
 import numpy as np
-from sparsefedpp.tools.timing import time_ms
+from sparsefedpp.tools.bench.timing import time_ms
 
 # (C, H, O, k, stride, pad) at batch N, square H x H inputs
 R8 = [(3, 32, 16, 3, 1, 1), (16, 32, 16, 3, 1, 1), (16, 32, 32, 3, 2, 1),

@@ -4,7 +4,7 @@ MAC accounting, BatchNorm, ReLU, BatchNorm+ReLU fused (the blocks' and the
 stem's), pooling, the rest of each layer's Python, the residual adds and
 dispatch of the blocks, the loss and SGD.
 
-    python tools/profile_step.py --model resnet18 --sparsity 0.99 --steps 10
+    python tools/bench/profile_step.py --model resnet18 --sparsity 0.99 --steps 10
 
 Every leaf layer's forward/backward and the kernel entry points that
 ``runtime.layers`` calls are wrapped with a timer; a layer's own time is its total

@@ -1,13 +1,13 @@
 """The numbers behind the codec's decode limits (runtime/codec.py, issue 14).
 
-Usage:  python tools/bench_codec_limits.py ratios [--models cnn,resnet8,resnet18]
+Usage:  python tools/bench/codec_limits.py ratios [--models cnn,resnet8,resnet18]
             [--sparsities 0,0.9,0.99,0.999] [--train-steps 3]
-        python tools/bench_codec_limits.py bombs
+        python tools/bench/codec_limits.py bombs
 
 ``ratios``: for every preset of ``codec.ENCODINGS``, every model and global
 sparsity (magnitude pruning, alpha=1.25, seed 0) and three states of the net --
 fresh (BatchNorm weight 1, bias 0, mean 0, var 1: nearly free for zlib/xz),
-``sim`` (the BatchNorm and counters of a trained net, as tools/bench_codec.py
+``sim`` (the BatchNorm and counters of a trained net, as tools/bench/codec.py
 --bn trained) and ``trained`` (``--train-steps`` real SGD steps on random images,
 batch 8, so BatchNorm statistics and weights really move) -- it prints the raw
 body, the stored body, raw / stored (what ``max_ratio`` bounds), the worst

@@ -1,4 +1,4 @@
-"""Run ``bench_worker`` subprocesses: one-shot (its JSON line, error or timeout) or
+"""Run ``bench/worker.py`` subprocesses: one-shot (its JSON line, error or timeout) or
 persistent (``ServingWorker``: timed turns on request)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from sparsefedpp.runtime.kernels.config import WAIT_SET_HERE
 
-from .bench_worker import TORCH_MISSING
+from .worker import TORCH_MISSING
 
 #: the thread-count variables a worker gets (OpenBLAS and Numba for our engine,
 #: OpenMP and MKL for torch; setting all four for both is harmless)
@@ -84,12 +84,12 @@ def _last_json(stdout: str) -> dict | None:
 
 
 def run_worker(name: str, argv: list[str], *, env: dict, timeout: float) -> WorkerRun:
-    """Run ``python -m sparsefedpp.tools.bench_worker *argv`` and parse its result.
+    """Run ``python -m sparsefedpp.tools.bench.worker *argv`` and parse its result.
 
     Never raises for a failing worker: a non-zero exit, a missing result line or a
     timeout (the process is killed) comes back as ``WorkerRun.error``.
     """
-    cmd = [sys.executable, "-m", "sparsefedpp.tools.bench_worker", *argv]
+    cmd = [sys.executable, "-m", "sparsefedpp.tools.bench.worker", *argv]
     start = time.perf_counter()
     try:
         proc = subprocess.run(cmd, check=False, env=env, timeout=timeout,
@@ -121,7 +121,7 @@ class WorkerFailed(Exception):
 
 
 class ServingWorker:
-    """A persistent ``bench_worker --serve`` process: set up once, then timed turns
+    """A persistent ``worker --serve`` process: set up once, then timed turns
     on request (``request``), so the parent can alternate it with another worker.
 
     stdout is read by a thread into a queue (a bounded wait per answer); stderr goes
@@ -133,7 +133,7 @@ class ServingWorker:
         self.start = time.perf_counter()
         self._stderr = tempfile.TemporaryFile(mode="w+", encoding="utf-8",
                                               errors="replace")
-        cmd = [sys.executable, "-m", "sparsefedpp.tools.bench_worker", *argv, "--serve"]
+        cmd = [sys.executable, "-m", "sparsefedpp.tools.bench.worker", *argv, "--serve"]
         self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self._stderr,
                                      text=True, bufsize=1)
