@@ -2,7 +2,7 @@
 PyTorch in its own process.
 
 Each configuration (framework, model, sparsity) runs in a fresh
-``bench_memory_worker`` process that trains one local round on a real shard
+``tools/bench/memory_worker.py`` process that trains one local round on a real shard
 (default: the first 500 images of Fashion-MNIST; ``--data`` a CIFAR-10 folder or
 anything ``sparsefedpp train --data`` takes) through the client's own code path
 (``trainer.client.local_round``) on the global model as a device receives it

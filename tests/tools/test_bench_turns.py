@@ -299,7 +299,7 @@ def test_bench_sparse_bad_flags(capsys):
 
 def test_bench_memory_optimizer_bytes_count_pattern_momentum_as_values():
     from sparsefedpp.runtime import losses, models, pruning
-    from sparsefedpp.tools.bench_memory_worker import optimizer_bytes
+    from sparsefedpp.tools.bench.memory_worker import optimizer_bytes
 
     model = models.build("resnet8", width=0.25, alpha=1.25, seed=0)
     pruning.prune(model, 0.99)

@@ -1,6 +1,6 @@
 """One ``sparsefedpp bench-memory`` measurement in a fresh process; prints one JSON line.
 
-``python -m sparsefedpp.tools.bench_memory_worker --framework ours|torch --data
+``python -m sparsefedpp.tools.bench.memory_worker --framework ours|torch --data
 SHARD.npz --model resnet18 --batch-size B [--sparsity S]`` trains one local round
 on a device's shard the way a device does: ours through
 ``trainer.client.local_round`` (the device agent's and simulate's code path) on a
@@ -159,7 +159,7 @@ def torch_side(args, phases: dict, out: dict) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sparsefedpp.tools.bench_memory_worker")
+    p = argparse.ArgumentParser(prog="python -m sparsefedpp.tools.bench.memory_worker")
     p.add_argument("--framework", required=True, choices=("ours", "torch"))
     p.add_argument("--data", required=True, help="the shard (.npz)")
     p.add_argument("--model", default="resnet8", choices=("resnet8", "resnet18"))
