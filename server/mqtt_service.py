@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from sparsefedpp.runtime import codec, protocol
-from sparsefedpp.runtime.broker import CONNECTED, BrokerSettings, QueuedClient
 from sparsefedpp.runtime.checkpoint import write_atomic
 from sparsefedpp.runtime.errors import CodecError, ConfigError, StateError
+from sparsefedpp.runtime.wire import codec, protocol
+from sparsefedpp.runtime.wire.broker import CONNECTED, BrokerSettings, QueuedClient
 
 from .strategy import ClientResult, Strategy
 

@@ -41,9 +41,10 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-from sparsefedpp.runtime import codec, models, pruning
+from sparsefedpp.runtime import models, pruning
 from sparsefedpp.runtime.errors import ConfigError
-from sparsefedpp.runtime.protocol import client_seed
+from sparsefedpp.runtime.wire import codec
+from sparsefedpp.runtime.wire.protocol import client_seed
 from sparsefedpp.server import fedavg, robust
 from sparsefedpp.server.fedavg import FedAvg
 from sparsefedpp.server.strategy import ClientResult

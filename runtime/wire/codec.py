@@ -105,7 +105,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import CodecError, ConfigError
+from ..errors import CodecError, ConfigError
 
 MAGIC = b"SFPP"
 VERSION = 1
