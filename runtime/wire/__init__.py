@@ -1,10 +1,10 @@
 """The wire between the aggregator and the devices, in one subpackage.
 
-``codec`` turns a model or an update into bytes and back; ``protocol`` is the
-MQTT protocol (topics, SFCK chunks, JSON control messages); ``broker``
-connects to the broker (settings, TLS, a paho client). Both sides (trainer/
-and server/) import these, and nothing here imports trainer/, server/ or
-tools/.
+``codec`` turns a model or an update into bytes and back (format, encode,
+decode, bounded inflate); ``protocol`` is the MQTT protocol (topics, SFCK
+chunks, JSON control messages); ``broker`` connects to the broker (settings,
+TLS, a paho client). Both sides (trainer/ and server/) import these, and
+nothing here imports trainer/, server/ or tools/.
 """
 
 from .broker import BrokerSettings, QueuedClient

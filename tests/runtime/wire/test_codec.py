@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from sparsefedpp.runtime.errors import CodecError, ConfigError
-from sparsefedpp.runtime.wire import codec
+from sparsefedpp.runtime.wire import codec, inflate
 from sparsefedpp.runtime.wire.codec import (
     ENCODINGS,
     Encoding,
@@ -415,7 +415,7 @@ def test_xz_dictionary_over_the_memory_limit_is_refused(monkeypatch):
     data = encode(Message("model", 0, "s", "fedavg", {"w": w}), "csr-lzma")
     assert len(data) < w.nbytes // 2  # compressed with a 1 MiB dictionary
     assert decode(data).tensors["w"].shape == w.shape
-    monkeypatch.setattr(codec, "LZMA_MEMLIMIT", 256 << 10)
+    monkeypatch.setattr(inflate, "LZMA_MEMLIMIT", 256 << 10)  # read where it inflates
     with pytest.raises(CodecError, match="xz"):
         decode(data)
 
