@@ -8,6 +8,8 @@ length, code, shape, index and value is checked and any violation raises
 This module is the codec's public face and its specification; the work is in
 ``format`` (constants, ``Message``, ``Encoding``, the limits of an announced
 model), ``encode``, ``decode`` and ``inflate`` (bounded decompression).
+``decode`` returns its tensors as ``checks.CheckedTensors``: an update's values
+are scanned once, on arrival, and the aggregator's later checks trust that.
 
 Tensors: float32 (any shape) or int64 (e.g. ``num_batches_tracked``). A float32
 tensor with ndim >= 2 may travel as CSR of its 2-D view rows x cols, rows =

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import CodecError, ConfigError
+from .checks import CheckedTensors
 from .format import (
     CODES,
     DEFAULT_MAX_ELEMENTS,
@@ -111,7 +112,8 @@ def decode(data: bytes | bytearray | memoryview, *, max_bytes: int | None = None
 
     Returns
     -------
-    Message whose tensors are dense float32/int64 arrays of the encoded shapes.
+    Message whose tensors are dense float32/int64 arrays of the encoded shapes, as
+    ``CheckedTensors`` (their float values are finite: later checks need not scan).
     """
     try:
         buf = memoryview(data).cast("B")
@@ -149,7 +151,8 @@ def decode(data: bytes | bytearray | memoryview, *, max_bytes: int | None = None
     for entry in entries:
         tensors[entry.name] = _decode_tensor(entry, body[offset:offset + entry.nbytes])
         offset += entry.nbytes
-    return Message(kind, rnd, sender, method, tensors, num_examples, meta)
+    return Message(kind, rnd, sender, method, CheckedTensors(tensors), num_examples,
+                   meta)
 
 
 def _body_sizes(data: bytes) -> tuple[int, int, int]:
