@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 from sparsefedpp.runtime.errors import ConfigError, DTypeError, ShapeError
 from sparsefedpp.runtime.pruning import SCOPES, global_sparsity, nonzeros, prune
+from sparsefedpp.runtime.wire.checks import finite_problem, tensors_problem
 
 from . import robust
 from .aggregate import Accumulator
@@ -75,11 +76,7 @@ def _result_problem(result: ClientResult, max_examples: int) -> str:
     if n > max_examples:
         return (f"num_examples: expected at most max_examples={max_examples}, got {n}"
                 f" (one client would outweigh the others)")
-    for name, arr in result.tensors.items():
-        a = np.asarray(arr)
-        if a.dtype.kind == "f" and not np.isfinite(a).all():
-            return f"tensor '{name}' holds NaN or inf (training diverged?)"
-    return ""
+    return finite_problem(result.tensors)
 
 
 def _metric_value(value: object) -> float | None:
@@ -330,7 +327,7 @@ class FedAvg(Strategy):
         ref = self._global
         matching = []
         for r in usable:
-            problem = robust.tensors_problem(r.tensors, ref)
+            problem = tensors_problem(r.tensors, ref)
             if problem:
                 failed.append((r.client_id, problem))
                 logger.warning("round %d: result of %s rejected: %s", rnd,

@@ -33,10 +33,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from sparsefedpp.runtime import codec, protocol
-from sparsefedpp.runtime.broker import CONNECTED, BrokerSettings, QueuedClient
 from sparsefedpp.runtime.checkpoint import write_atomic
 from sparsefedpp.runtime.errors import CodecError, ConfigError, StateError
+from sparsefedpp.runtime.wire import codec, protocol
+from sparsefedpp.runtime.wire.broker import CONNECTED, BrokerSettings, QueuedClient
+from sparsefedpp.runtime.wire.checks import tensors_problem
 
 from .strategy import ClientResult, Strategy
 
@@ -151,23 +152,6 @@ class RoundOutcome:
     eval: dict = field(default_factory=dict)
 
 
-def tensors_problem(tensors: Tensors, reference: Tensors) -> str:
-    """Why ``tensors`` cannot stand in for ``reference`` ('' if they can): names,
-    shapes, dtypes and finite values."""
-    if set(tensors) != set(reference):
-        missing = sorted(set(reference) - set(tensors))[:3]
-        extra = sorted(set(tensors) - set(reference))[:3]
-        return f"tensor names differ from the model's (missing {missing}, extra {extra})"
-    for name, ref in reference.items():
-        arr = tensors[name]
-        if arr.shape != ref.shape or arr.dtype != ref.dtype:
-            return (f"tensor {name!r}: expected {ref.dtype} {ref.shape}, got {arr.dtype} "
-                    f"{arr.shape}")
-        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-            return f"tensor {name!r} holds NaN or inf"
-    return ""
-
-
 def _number_text(value) -> str:
     if isinstance(value, int) and abs(value) > 10**20:
         return f"an integer of {value.bit_length()} bits"
@@ -211,7 +195,7 @@ def update_problem(msg: codec.Message, reference: Tensors, *, max_examples: int,
     against the global model."""
     if method is not None and msg.method != method:
         return f"method {msg.method[:40]!r}: expected the announced {method!r}"
-    problem = tensors_problem(msg.tensors, reference)
+    problem = tensors_problem(msg.tensors, reference, max_integer=None)
     if problem:
         return problem
     n = msg.num_examples
@@ -299,7 +283,7 @@ class Aggregator:
             raise ConfigError(f"federation state {self.state_path}: written for another "
                               f"configuration (saved {saved}, now {self.fingerprint}); "
                               f"use another state folder to start a new federation")
-        problem = tensors_problem(msg.tensors, self.tensors)
+        problem = tensors_problem(msg.tensors, self.tensors, max_integer=None)
         if problem:
             raise StateError(f"federation state {self.state_path}: {problem}")
         self.tensors = dict(msg.tensors)

@@ -26,38 +26,9 @@ Tensors = dict[str, np.ndarray]
 
 AGGREGATORS = ("fedavg", "clip", "trimmed-mean", "median")
 
-# Integer tensors are counters (num_batches_tracked); beyond this they are hostile,
-# and the int64 weighted sum S = sum w_i x_i could overflow.
-MAX_INTEGER = 2**31 - 1
-
 
 def float_names(reference: Tensors) -> list[str]:
     return [n for n, a in reference.items() if np.asarray(a).dtype.kind == "f"]
-
-
-def tensors_problem(tensors: Tensors, reference: Tensors) -> str:
-    """Why ``tensors`` cannot be compared with ``reference`` ('' if they can): the
-    same names and shapes, float where the reference is float, integers within
-    [-MAX_INTEGER, MAX_INTEGER] where it is integer."""
-    missing = [n for n in reference if n not in tensors]
-    unknown = [n for n in tensors if n not in reference]
-    if missing or unknown:
-        return (f"tensor names: expected those of the global model, got missing "
-                f"{missing[:5]}, unexpected {unknown[:5]}")
-    for name, ref in reference.items():
-        arr, ref = np.asarray(tensors[name]), np.asarray(ref)
-        if arr.shape != ref.shape:
-            return f"tensor '{name}': expected shape {ref.shape}, got {arr.shape}"
-        want = "f" if ref.dtype.kind == "f" else "iu"
-        if arr.dtype.kind not in want:
-            return (f"tensor '{name}': expected a {ref.dtype} like dtype, got "
-                    f"{arr.dtype}")
-        if want == "iu" and arr.size:  # compared as Python ints: no wrap-around
-            low, high = int(arr.min()), int(arr.max())
-            if low < -MAX_INTEGER or high > MAX_INTEGER:
-                return (f"tensor '{name}': expected integers within +-{MAX_INTEGER}, "
-                        f"got {low} to {high}")
-    return ""
 
 
 def delta_norm(tensors: Tensors, reference: Tensors) -> float:

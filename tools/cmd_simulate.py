@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 from sparsefedpp.runtime import checkpoint, models
-from sparsefedpp.runtime.codec import ENCODINGS
+from sparsefedpp.runtime.wire.codec import ENCODINGS
 from sparsefedpp.runtime.errors import ConfigError
 from sparsefedpp.server.robust import AGGREGATORS
 from sparsefedpp.trainer.client import METHODS

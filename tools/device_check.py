@@ -12,7 +12,7 @@ import os
 import threading
 from pathlib import Path
 
-from sparsefedpp.runtime.broker import (
+from sparsefedpp.runtime.wire.broker import (
     SESSION_EXPIRY,
     BrokerSettings,
     make_client,

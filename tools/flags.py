@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from sparsefedpp.runtime.broker import BrokerSettings
+from sparsefedpp.runtime.wire.broker import BrokerSettings
 from sparsefedpp.runtime.errors import ConfigError
 
 
@@ -54,7 +54,7 @@ def setup_logging(quiet: bool, debug: bool = False) -> None:
                         "%(message)s", force=True)
     # paho's own chatter ("Client is not connected" on every reconnect attempt);
     # the service and the agent log disconnects and what they do about them
-    logging.getLogger("sparsefedpp.runtime.broker").setLevel(
+    logging.getLogger("sparsefedpp.runtime.wire.broker").setLevel(
         logging.DEBUG if debug else logging.CRITICAL)
 
 

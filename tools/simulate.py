@@ -41,9 +41,11 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-from sparsefedpp.runtime import codec, models, pruning
+from sparsefedpp.runtime import models, pruning
 from sparsefedpp.runtime.errors import ConfigError
-from sparsefedpp.runtime.protocol import client_seed
+from sparsefedpp.runtime.wire import codec
+from sparsefedpp.runtime.wire.checks import tensors_problem
+from sparsefedpp.runtime.wire.protocol import client_seed
 from sparsefedpp.server import fedavg, robust
 from sparsefedpp.server.fedavg import FedAvg
 from sparsefedpp.server.strategy import ClientResult
@@ -298,7 +300,7 @@ class Simulation:
     def restore(self, tensors: dict[str, np.ndarray]) -> None:
         """Continue from a saved ``state()`` (names, shapes and dtypes checked)."""
         like = self.eval_model.state_dict()
-        problem = robust.tensors_problem(tensors, like)
+        problem = tensors_problem(tensors, like)
         if problem:
             raise ConfigError(f"simulate resume: the saved global model does not fit "
                               f"the configured model: {problem}")

@@ -23,10 +23,11 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from sparsefedpp.runtime import codec, models, protocol
-from sparsefedpp.runtime.broker import CONNECTED, BrokerSettings, QueuedClient
+from sparsefedpp.runtime import models
 from sparsefedpp.runtime.checkpoint import write_atomic
 from sparsefedpp.runtime.errors import CodecError, ConfigError, SparseFedError
+from sparsefedpp.runtime.wire import codec, protocol
+from sparsefedpp.runtime.wire.broker import CONNECTED, BrokerSettings, QueuedClient
 
 from .client import LocalConfig, MethodConfig, local_round
 from .data import Dataset

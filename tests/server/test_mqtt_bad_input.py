@@ -31,9 +31,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sparsefedpp.runtime import codec, protocol
-from sparsefedpp.runtime.codec import Encoding, Message
 from sparsefedpp.runtime.errors import CodecError
+from sparsefedpp.runtime.wire import codec, protocol
+from sparsefedpp.runtime.wire.codec import Encoding, Message
 from sparsefedpp.server.mqtt_service import update_problem
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))

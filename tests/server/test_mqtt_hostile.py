@@ -23,9 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sparsefedpp.runtime import codec, models, protocol
-from sparsefedpp.runtime.broker import BrokerSettings
-from sparsefedpp.runtime.codec import Message
+from sparsefedpp.runtime import models
+from sparsefedpp.runtime.wire import codec, protocol
+from sparsefedpp.runtime.wire.broker import BrokerSettings
+from sparsefedpp.runtime.wire.codec import Message
 from sparsefedpp.server import mqtt_service
 from sparsefedpp.server.mqtt_service import (
     ALREADY_COUNTED,
@@ -253,8 +254,8 @@ def test_a_handler_that_raises_is_logged_and_the_upload_rejected(tmp_path, caplo
 
 def test_a_failed_republish_after_a_reconnect_is_logged_not_raised(tmp_path, caplog,
                                                                    monkeypatch):
-    from sparsefedpp.runtime.broker import CONNECTED
     from sparsefedpp.runtime.errors import TransportError
+    from sparsefedpp.runtime.wire.broker import CONNECTED
 
     agg = make_aggregator(tmp_path)
 
@@ -456,7 +457,7 @@ def test_watched_topics_see_the_retain_flag_live_and_not_their_own_clear(mosquit
     no-local) on a real Mosquitto: a live retained publish arrives flagged, the
     owner's own clearing publish does not come back to it."""
     import paho.mqtt.client as mqtt
-    from sparsefedpp.runtime.broker import CONNECTED, QueuedClient
+    from sparsefedpp.runtime.wire.broker import CONNECTED, QueuedClient
 
     settings = BrokerSettings(mosquitto.host, mosquitto.port)
     owner = QueuedClient(settings, "owner", ["t/watched/+", "t/plain/+"],
@@ -598,7 +599,7 @@ def publish_as_will(broker, user: str, password: str, topic: str,
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
     from paho.mqtt.reasoncodes import ReasonCode
-    from sparsefedpp.runtime.broker import SESSION_EXPIRY
+    from sparsefedpp.runtime.wire.broker import SESSION_EXPIRY
 
     up = threading.Event()
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=user,

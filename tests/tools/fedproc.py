@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sparsefedpp.runtime import codec
+from sparsefedpp.runtime.wire import codec
 from sparsefedpp.tools import cli
 from sparsefedpp.tools.cmd_serve import config_toml
 from sparsefedpp.tools.metrics import read_metrics

@@ -56,7 +56,7 @@ def test_dump_holds_logits_gradients_and_codec_bytes(dumps):
 
 
 def test_the_dump_is_the_step_the_engine_takes(dumps):
-    from sparsefedpp.runtime import codec
+    from sparsefedpp.runtime.wire import codec
     arrays = _load(dumps[0])
     decoded = codec.decode(bytes(arrays["codec/cnn/csr"]))
     # the CSR and the dense kernels saw the same pruned model

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 from fedproc import Federation, make_shards, require_cifar, write_config
-from sparsefedpp.runtime import codec, models, protocol
+from sparsefedpp.runtime import models
 from sparsefedpp.runtime.errors import ConfigError, TransportError
+from sparsefedpp.runtime.wire import codec, protocol
 
 pytestmark = pytest.mark.mqtt
 

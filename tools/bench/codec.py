@@ -22,7 +22,8 @@ import sys
 import time
 
 import numpy as np
-from sparsefedpp.runtime import codec, models, pruning
+from sparsefedpp.runtime import models, pruning
+from sparsefedpp.runtime.wire import codec
 
 
 def state(name: str, sparsity: float, bn: str) -> dict[str, np.ndarray]:

@@ -77,7 +77,7 @@ def ours(args, phases: dict, out: dict) -> None:
     if args.global_model:
         # the device agent's path (trainer/mqtt_client.py): no random init, the
         # weights come from the decoded global model
-        from sparsefedpp.runtime import codec
+        from sparsefedpp.runtime.wire import codec
 
         model = models.build(args.model, **spec, init=False)
         with open(args.global_model, "rb") as f:

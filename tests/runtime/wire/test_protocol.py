@@ -1,4 +1,4 @@
-"""runtime/protocol.py: SFCK chunk frames, the Reassembler and JSON control messages,
+"""runtime/wire/protocol.py: SFCK chunk frames, the Reassembler and JSON control messages,
 fed hostile input (no broker)."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import json
 import random
 
 import pytest
-from sparsefedpp.runtime import protocol
 from sparsefedpp.runtime.errors import CodecError
-from sparsefedpp.runtime.protocol import (
+from sparsefedpp.runtime.wire import protocol
+from sparsefedpp.runtime.wire.protocol import (
     CHUNK_HEADER,
     CHUNK_MAGIC,
     MAX_CONTROL_BYTES,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 
 import pytest
-from sparsefedpp.runtime.broker import BrokerSettings, ConnectWaiter, probe
+from sparsefedpp.runtime.wire.broker import BrokerSettings, ConnectWaiter, probe
 from sparsefedpp.runtime.errors import ConfigError, TransportError
 
 

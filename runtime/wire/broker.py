@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .errors import ConfigError, TransportError
+from ..errors import ConfigError, TransportError
 
 logger = logging.getLogger(__name__)
 

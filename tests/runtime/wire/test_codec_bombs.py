@@ -1,4 +1,4 @@
-"""runtime/codec.py, decoding bounded by the announced model (issue 14, item 3).
+"""runtime/wire/codec.py, decoding bounded by the announced model (issue 14, item 3).
 
 Bombs are real zlib / xz streams of zeros (tens of KB stored, tens or hundreds of
 MB inflated) behind hand-built tensor tables; each must be refused with a
@@ -20,9 +20,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sparsefedpp.runtime import codec, models, pruning
-from sparsefedpp.runtime.codec import ENCODINGS, Encoding, Message, decode, encode
+from sparsefedpp.runtime import models, pruning
 from sparsefedpp.runtime.errors import CodecError, ConfigError
+from sparsefedpp.runtime.wire import codec
+from sparsefedpp.runtime.wire.codec import ENCODINGS, Encoding, Message, decode, encode
 
 pytestmark = pytest.mark.device
 

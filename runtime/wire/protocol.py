@@ -13,7 +13,7 @@ topic                      writer     retained  payload
 {p}/ack/{device}           aggregator no        JSON ``ack`` of one update
 =========================  =========  ========  ==========================================
 
-Models and updates are ``runtime.codec`` messages (with their own CRC32), cut into
+Models and updates are ``wire.codec`` messages (with their own CRC32), cut into
 chunks so that no MQTT message exceeds the broker's limit. A chunk (SFCK frame,
 version 1, little-endian)::
 
@@ -46,7 +46,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import CodecError
+from ..errors import CodecError
 
 PROTOCOL_VERSION = 1
 CHUNK_MAGIC = b"SFCK"
