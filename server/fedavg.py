@@ -18,7 +18,7 @@ from sparsefedpp.runtime.wire.checks import finite_problem, tensors_problem
 
 from . import robust
 from .aggregate import Accumulator
-from .strategy import ClientInstruction, ClientResult, Strategy
+from .strategy import AggregateResult, ClientInstruction, ClientResult, Strategy
 
 logger = logging.getLogger(__name__)
 
@@ -137,8 +137,13 @@ class FedAvg(Strategy):
     rest go through :class:`~sparsefedpp.server.aggregate.Accumulator` (float32
     out, float64 sums; integer buffers rounded half up), or through
     :func:`~sparsefedpp.server.robust.robust_mean` for a robust ``aggregator``.
-    Fewer than ``min_clients`` usable results, or a non-finite aggregate:
-    ``aggregate`` logs why and returns None (keep the old model).
+    ``aggregate`` returns an :class:`~sparsefedpp.server.strategy.AggregateResult`
+    (the results and examples counted, the failures with their reasons, the
+    clients' fit metrics averaged by num_examples, the screening summary: median
+    and bound of the round's change norms, the global model's norm, per client
+    its norm and ratio to the median). Fewer than ``min_clients`` usable results,
+    or a non-finite aggregate: it logs why and its ``tensors`` is None (keep the
+    old model).
 
     The global model that screening compares against is ``initial``, then each
     model ``aggregate`` returns; a round loop that loads a global model from
@@ -200,15 +205,6 @@ class FedAvg(Strategy):
         Screening ratios (see above), >= 1, or 0 to turn that bound off.
     max_examples : int
         Largest num_examples a result may claim, >= 1.
-
-    Attributes
-    ----------
-    last_round : dict
-        Summary of the last ``aggregate``: round, num_results, num_failures,
-        num_examples, failures [(client_id, reason)], fit_metrics (the clients'
-        numeric metrics averaged by num_examples), screening (median and bound
-        of the round's change norms, the global model's norm, and per client its
-        norm and ratio to the median), aggregator.
     """
 
     def __init__(self, *, per_round: int, min_clients: int = 1, seed: int = 0,
@@ -275,7 +271,6 @@ class FedAvg(Strategy):
         self._global: Tensors | None = None
         if initial is not None:
             self.set_global(initial)
-        self.last_round: dict = {}
 
     def set_global(self, tensors: Tensors) -> None:
         """The current global model (copied): what the next round's updates are
@@ -363,36 +358,32 @@ class FedAvg(Strategy):
         return kept, {**summary, "kept_norms": kept_norms}
 
     def _keep_old(self, rnd: int, num_ok: int, failed: list[tuple[str, str]],
-                  screening: dict | None = None, why: str = "") -> None:
+                  screening: dict | None = None, why: str = "") -> AggregateResult:
         why = why or (f"{num_ok} usable results, expected at least "
                       f"min_clients={self.min_clients}")
         logger.warning("round %d: %s; keeping the previous global model; failures: %s",
                        rnd, why, failed)
-        self.last_round = {"round": rnd, "num_results": num_ok,
-                           "num_failures": len(failed), "num_examples": 0,
-                           "failures": failed, "fit_metrics": {}, "aggregated": False,
-                           "screening": screening or {}, "aggregator": self.aggregator}
+        return AggregateResult(None, num_ok, 0, failed, {}, screening or {},
+                               self.aggregator)
 
     def aggregate(self, rnd: int, results: list[ClientResult],
-                  failures: list[tuple[str, str]]) -> Tensors | None:
+                  failures: list[tuple[str, str]]) -> AggregateResult:
         """Screening, then FedAvg (or the robust aggregator) of the usable results,
         then pruning to ``prune_to`` if set.
 
-        Returns None (keep the previous global model) when fewer than
-        ``min_clients`` results are usable or the aggregate is not finite; the
-        reason is logged.
+        The result's ``tensors`` is None (keep the previous global model) when
+        fewer than ``min_clients`` results are usable or the aggregate is not
+        finite; the reason is logged.
         """
         failed = list(failures)
         usable = self._usable(results, failed)
         if len(usable) < self.min_clients:
-            self._keep_old(rnd, len(usable), failed)
-            return None
+            return self._keep_old(rnd, len(usable), failed)
         screening: dict = {}
         if self._global is not None:
             usable, screening = self._screened(rnd, usable, failed)
             if len(usable) < self.min_clients:
-                self._keep_old(rnd, len(usable), failed, screening)
-                return None
+                return self._keep_old(rnd, len(usable), failed, screening)
         kept_norms = screening.pop("kept_norms", None)
         if self.aggregator == "fedavg":
             tensors, added, total = self._weighted_mean(rnd, usable, failed)
@@ -403,23 +394,17 @@ class FedAvg(Strategy):
                 norms=kept_norms)
             added, total = usable, sum(r.num_examples for r in usable)
         if len(added) < self.min_clients:
-            self._keep_old(rnd, len(added), failed, screening)
-            return None
+            return self._keep_old(rnd, len(added), failed, screening)
         bad = [n for n, t in tensors.items() if t.dtype.kind == "f"
                and not np.isfinite(t).all()]
         if bad:
-            self._keep_old(rnd, len(added), failed, screening,
-                           f"the aggregate of tensors {bad[:5]} is not finite")
-            return None
+            return self._keep_old(rnd, len(added), failed, screening,
+                                  f"the aggregate of tensors {bad[:5]} is not finite")
         if self.prune_to is not None:
             tensors, _ = self._pruned(tensors, self.prune_to, self.prune_scope)
         self._global = {name: t.copy() for name, t in tensors.items()}
-        self.last_round = {"round": rnd, "num_results": len(added),
-                           "num_failures": len(failed),
-                           "num_examples": total, "failures": failed,
-                           "fit_metrics": _fit_metrics(added), "aggregated": True,
-                           "screening": screening, "aggregator": self.aggregator}
-        return tensors
+        return AggregateResult(tensors, len(added), total, failed, _fit_metrics(added),
+                               screening, self.aggregator)
 
     def _weighted_mean(self, rnd: int, usable: list[ClientResult],
                        failed: list[tuple[str, str]]

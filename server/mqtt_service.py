@@ -1,4 +1,11 @@
-"""The aggregator as an MQTT service: announce, collect until deadline or all, aggregate.
+"""The aggregator as an MQTT service: the MQTT transport of the round loop.
+
+server/round_loop.py runs the rounds (the quorum, the deadline policy, the
+aggregation, the evaluation, the round record); this module is its transport over
+the broker: who is online (retained device status, last wills), announcing a round
+(retained model chunks and announcement), collecting updates (reassembly,
+validation on arrival, an ack for every upload), the counted-update digests and
+the state file.
 
 Round state machine (docs/protocol.md draws it)::
 
@@ -29,7 +36,7 @@ import math
 import queue
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,13 +46,20 @@ from sparsefedpp.runtime.wire import codec, protocol
 from sparsefedpp.runtime.wire.broker import CONNECTED, BrokerSettings, QueuedClient
 from sparsefedpp.runtime.wire.checks import tensors_problem
 
-from .strategy import ClientResult, Strategy
+from .round_loop import (
+    POLICIES,
+    Arrivals,
+    RoundLoop,
+    RoundPolicy,
+    RoundRecord,
+    Transport,
+)
+from .strategy import ClientInstruction, ClientResult, Strategy
 
 logger = logging.getLogger(__name__)
 
 Tensors = dict[str, np.ndarray]
 STATE_FILE = "federation.sfpp"
-POLICIES = ("extend", "rerun", "skip")
 COUNTED_ROUNDS = 3        # rounds whose counted update digests the state file keeps
 ALREADY_COUNTED = "already counted"
 # An update's metrics (codec meta): small, flat, finite. fedavg averages the
@@ -133,23 +147,14 @@ class ServiceConfig:
             raise ConfigError("serve client_id: expected a non-empty MQTT client id or "
                               "none (the username)")
 
-
-@dataclass
-class RoundOutcome:
-    """What one round did; written as the metrics' ``round`` event."""
-
-    round: int
-    attempts: int
-    selected: list[str]
-    accepted: list[str]
-    aggregated: bool
-    rejected: list = field(default_factory=list)    # [device, reason]
-    failures: list = field(default_factory=list)    # [device, reason]
-    bytes_up: int = 0
-    bytes_down: int = 0
-    seconds: float = 0.0
-    fit: dict = field(default_factory=dict)
-    eval: dict = field(default_factory=dict)
+    @property
+    def policy(self) -> RoundPolicy:
+        """The round loop's quorum, deadline and evaluation schedule."""
+        return RoundPolicy(rounds=self.rounds, quorum=self.quorum,
+                           round_timeout=self.round_timeout,
+                           on_no_quorum=self.on_no_quorum,
+                           extend_seconds=self.extend_seconds,
+                           max_attempts=self.max_attempts, eval_every=self.eval_every)
 
 
 def _number_text(value) -> str:
@@ -216,34 +221,40 @@ def update_problem(msg: codec.Message, reference: Tensors, *, max_examples: int,
     return ""
 
 
-class Aggregator:
-    """Runs ``config.rounds`` rounds of ``strategy`` over the broker.
+class Aggregator(Transport):
+    """Runs ``config.rounds`` rounds of ``strategy`` over the broker: a
+    :class:`~sparsefedpp.server.round_loop.RoundLoop` (``loop``) with this
+    service as its transport.
 
     ``round_config(rnd)`` is the JSON settings every selected device receives
     (model, method, local training, learning rate; ``seed`` per device is added
     here). ``evaluate_fn(tensors)`` scores the global model every ``eval_every``
     rounds; the last round uses ``strategy.evaluate`` (dense plus the pruned
-    levels). ``emit(event, **fields)`` receives the metrics events.
+    levels). ``model_stats(tensors)`` describes the global model in the round
+    record (``RoundLoop``). ``emit(event, **fields)`` receives the metrics events.
     """
+
+    sender = "aggregator"
 
     def __init__(self, config: ServiceConfig, strategy: Strategy, tensors: Tensors, *,
                  broker: BrokerSettings, round_config: Callable[[int], dict],
                  seed: int = 0, fingerprint: dict | None = None,
                  evaluate_fn: Callable[[Tensors], dict] | None = None,
+                 model_stats: Callable[[Tensors], dict] | None = None,
                  emit: Callable[..., object] | None = None) -> None:
         self.config = config
         self.strategy = strategy
-        self.tensors = {k: np.array(v) for k, v in tensors.items()}
         self.broker = broker
         self.round_config = round_config
         self.seed = seed
         self.fingerprint = dict(fingerprint or {})
-        self.evaluate_fn = evaluate_fn
         self.emit = emit or (lambda event, **fields: None)
+        self.loop = RoundLoop(strategy, self, tensors, policy=config.policy,
+                              method=config.method, encoding=config.encoding,
+                              evaluate_fn=evaluate_fn, model_stats=model_stats,
+                              emit=self.emit)
         self.topics = protocol.Topics(config.prefix)
         self.state_path = Path(config.state_dir) / STATE_FILE
-        self.next_round = 0
-        self.totals = {"bytes_up": 0, "bytes_down": 0}
         self.online: dict[str, bool] = {}
         self.declared: dict[str, int] = {}  # examples each device declared online
         self._offline_since: dict[str, float] = {}
@@ -266,8 +277,32 @@ class Aggregator:
         self._rejected: list = []
         self._early: dict[str, bytes] = {}      # updates for the round before it opened
         self._bytes_up = 0
+        self._quorum = config.quorum
         self._mqtt: QueuedClient | None = None
         self._resume()
+
+    # ---------------------------------------------------- the round loop's state
+    @property
+    def tensors(self) -> Tensors:
+        """The global model (the loop's): what updates are checked against."""
+        return self.loop.tensors
+
+    @tensors.setter
+    def tensors(self, value: Tensors) -> None:
+        self.loop.tensors = value
+
+    @property
+    def next_round(self) -> int:
+        return self.loop.next_round
+
+    @next_round.setter
+    def next_round(self, value: int) -> None:
+        self.loop.next_round = value
+
+    @property
+    def totals(self) -> dict:
+        """Cumulative ``bytes_up`` and ``bytes_down`` of the federation."""
+        return self.loop.totals
 
     # ---------------------------------------------------------------- state file
     def _resume(self) -> None:
@@ -294,6 +329,10 @@ class Aggregator:
             self._counted[str(digest)] = (int(rnd), str(device))
         logger.info("resuming at round %d from %s", self.next_round + 1, self.state_path)
         self.emit("resume", round=self.next_round, state=str(self.state_path))
+
+    def save_state(self) -> None:
+        """The transport's hook after every round: the state file."""
+        self._save()
 
     def _save(self) -> None:
         oldest = self.next_round - COUNTED_ROUNDS
@@ -349,12 +388,15 @@ class Aggregator:
         """Run the remaining rounds; returns the final global model."""
         self.start()
         try:
-            while self.next_round < self.config.rounds:
-                self.run_round(self.next_round)
+            self.loop.run()
             self.stop("finished")
         finally:
             self.stop()
         return self.tensors
+
+    def run_round(self, rnd: int) -> RoundRecord:
+        """One round of the loop over the broker (``start`` first)."""
+        return self.loop.run_round(rnd)
 
     def _drain(self, until: float, stop: Callable[[], bool] | None = None) -> None:
         """Handle queued messages until ``until`` (monotonic), or as soon as
@@ -390,58 +432,46 @@ class Aggregator:
                 return avail
             self._drain(time.monotonic() + 0.2)
 
-    def run_round(self, rnd: int) -> RoundOutcome:
-        c = self.config
-        start = time.monotonic()
+    # ---------------------------------------------------- the Transport methods
+    def open(self, rnd: int) -> None:
         self._round, self._selected = rnd, None
         self._accepted, self._rejected, self._bytes_up = {}, [], 0
         self._round_digests = {}
-        outcome = RoundOutcome(rnd + 1, 0, [], [], False)
-        model_bytes = codec.encode(codec.Message(
-            "model", rnd, "aggregator", c.method, self.tensors), c.encoding)
-        digest = protocol.digest_of(model_bytes)
-        for attempt in range(c.max_attempts):
-            outcome.attempts = attempt + 1
-            available = self._wait_for_devices()
-            plan = self.strategy.configure_round(rnd, available)
-            if not plan:
-                logger.warning("round %d: %d devices online, expected at least %d",
-                               rnd + 1, len(available), c.quorum)
-                continue
-            self._selected = [p.client_id for p in plan]
-            outcome.selected = list(self._selected)
-            self._announce(rnd, attempt, plan, model_bytes, digest)
-            early, self._early = self._early, {}
-            for device, payload in early.items():
-                self._guarded(self._on_update, self.topics.update(device), payload,
-                              device, payload)
-            outcome.bytes_down += len(model_bytes) * len(plan)
-            deadline = time.monotonic() + c.round_timeout
-            extensions = 0
-            while True:
-                self._collect(deadline)
-                if len(self._accepted) >= c.quorum or c.on_no_quorum != "extend" or \
-                        attempt + extensions + 1 >= c.max_attempts:
-                    break
-                extensions += 1
-                logger.warning("round %d: %d of %d updates at the deadline, quorum %d; "
-                               "extending by %g s", rnd + 1, len(self._accepted),
-                               len(plan), c.quorum, c.extend_seconds)
-                deadline = time.monotonic() + c.extend_seconds
-            if len(self._accepted) >= c.quorum or c.on_no_quorum != "rerun":
-                break
-            logger.warning("round %d: no quorum (%d of %d); announcing again",
-                           rnd + 1, len(self._accepted), c.quorum)
-        self._finish(rnd, outcome)
+
+    def available(self) -> list[str]:
+        """The registered devices online, after waiting for them (``device_grace``,
+        ``wait_for_quorum``)."""
+        return self._wait_for_devices()
+
+    def announce(self, rnd: int, attempt: int, plan: list[ClientInstruction],
+                 model: bytes) -> None:
+        """Publish the model chunks and the announcement (retained), then take the
+        updates that arrived before the round was open."""
+        self._selected = [p.client_id for p in plan]
+        self._announce(rnd, attempt, plan, model, protocol.digest_of(model))
+        early, self._early = self._early, {}
+        for device, payload in early.items():
+            self._guarded(self._on_update, self.topics.update(device), payload,
+                          device, payload)
+
+    def collect(self, deadline: float, quorum: int) -> Arrivals:
+        self._quorum = quorum
+        self._collect(deadline)
+        selected = self._selected or []
+        order = {d: i for i, d in enumerate(selected)}
+        results = sorted(self._accepted.values(),
+                         key=lambda r: order.get(r.client_id, 0))
+        failures = [(d, "no valid update before the deadline") for d in selected
+                    if d not in self._accepted]
+        return Arrivals(results, failures, list(self._rejected), self._bytes_up)
+
+    def acknowledge(self, rnd: int, counted: list[str]) -> None:
+        """Remember the digests of the counted updates (a re-sent one is acked
+        "already counted"), close the round."""
+        for device, digest in self._round_digests.items():
+            if device in counted:
+                self._counted[digest] = (rnd, device)
         self._round, self._selected = None, None
-        outcome.seconds = time.monotonic() - start
-        self.next_round = rnd + 1
-        self.totals["bytes_up"] += outcome.bytes_up
-        self.totals["bytes_down"] += outcome.bytes_down
-        self._save()
-        self.emit("round", **vars(outcome), cum_bytes_up=self.totals["bytes_up"],
-                  cum_bytes_down=self.totals["bytes_down"])
-        return outcome
 
     def _announce(self, rnd: int, attempt: int, plan, model_bytes: bytes,
                   digest: str) -> None:
@@ -486,41 +516,13 @@ class Aggregator:
 
     def _round_complete(self) -> bool:
         return len(self._accepted) == len(self._selected) or (
-            len(self._accepted) >= self.config.quorum and not self._waiting_for())
+            len(self._accepted) >= self._quorum and not self._waiting_for())
 
     def _waiting_for(self) -> list[str]:
         """Selected devices without an accepted update that may still send one."""
         gone = time.monotonic() - self.config.offline_grace
         return [d for d in self._selected if d not in self._accepted
                 and self._offline_since.get(d, math.inf) > gone]
-
-    def _finish(self, rnd: int, outcome: RoundOutcome) -> None:
-        order = {d: i for i, d in enumerate(outcome.selected)}
-        results = sorted(self._accepted.values(), key=lambda r: order.get(r.client_id, 0))
-        failures = [(d, "no valid update before the deadline") for d in outcome.selected
-                    if d not in self._accepted]
-        outcome.accepted = [r.client_id for r in results]
-        outcome.rejected = list(self._rejected)
-        outcome.bytes_up = self._bytes_up
-        new = None
-        if len(results) >= self.config.quorum:
-            new = self.strategy.aggregate(rnd, results, failures)
-        else:
-            logger.warning("round %d: %d valid updates, quorum %d: keeping the previous "
-                           "global model", rnd + 1, len(results), self.config.quorum)
-        last = getattr(self.strategy, "last_round", {})
-        outcome.failures = [list(f) for f in last.get("failures", failures)]
-        outcome.fit = dict(last.get("fit_metrics", {})) if new is not None else {}
-        if new is not None:
-            self.tensors = new
-            outcome.aggregated = True
-            for device, digest in self._round_digests.items():
-                if device in outcome.accepted:
-                    self._counted[digest] = (rnd, device)
-        if rnd + 1 == self.config.rounds:
-            outcome.eval = self.strategy.evaluate(rnd, self.tensors) or {}
-        elif self.evaluate_fn is not None and (rnd + 1) % self.config.eval_every == 0:
-            outcome.eval = self.evaluate_fn(self.tensors)
 
     # ---------------------------------------------------------------- messages
     def _handle(self, topic: str, payload: bytes, retained: bool = False) -> None:

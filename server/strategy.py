@@ -1,9 +1,11 @@
 """The Strategy interface between the round loop and a federated algorithm.
 
-A round: ``configure_round`` picks clients and what to tell them; the transport
-(in-process or MQTT; strategies never see it) runs them; ``aggregate`` turns the
-results into the next global model; ``evaluate`` scores it. Tensors are flat
-``dict[str, np.ndarray]`` keyed like ``Model.state_dict()``.
+A round (server/round_loop.py runs it): ``configure_round`` picks clients and what
+to tell them; the transport (in-process or MQTT; strategies never see it) runs
+them; ``aggregate`` turns the results into the next global model and says what it
+did (an ``AggregateResult``: the loop records that, it never reads a strategy's
+state); ``evaluate`` scores it. Tensors are flat ``dict[str, np.ndarray]`` keyed
+like ``Model.state_dict()``.
 """
 
 from __future__ import annotations
@@ -52,6 +54,49 @@ class ClientResult:
     metrics: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class AggregateResult:
+    """What ``Strategy.aggregate`` did with a round's results: the round record is
+    built from it.
+
+    Attributes
+    ----------
+    tensors : dict of str to np.ndarray, or None
+        The next global model; None keeps the previous one (too few usable
+        results, a non-finite aggregate, ...).
+    num_results : int
+        Results that went into the aggregate (or that were usable, when none did).
+    num_examples : int
+        Their examples (0 when nothing was aggregated).
+    failures : list of (client_id, reason)
+        The failures the loop passed in, then the results the strategy refused.
+    fit_metrics : dict
+        The clients' numeric metrics averaged by num_examples ({} when nothing was
+        aggregated).
+    screening : dict
+        The strategy's summary of the update norms ({} when it screened nothing).
+    aggregator : str
+        Which rule combined the results (e.g. ``"fedavg"``, ``"median"``).
+    """
+
+    tensors: dict[str, np.ndarray] | None
+    num_results: int = 0
+    num_examples: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    fit_metrics: dict = field(default_factory=dict)
+    screening: dict = field(default_factory=dict)
+    aggregator: str = ""
+
+    @property
+    def aggregated(self) -> bool:
+        """Whether there is a new global model."""
+        return self.tensors is not None
+
+    @property
+    def num_failures(self) -> int:
+        return len(self.failures)
+
+
 class Strategy(ABC):
     """A federated algorithm as three callbacks of the round loop."""
 
@@ -65,13 +110,13 @@ class Strategy(ABC):
 
     @abstractmethod
     def aggregate(self, rnd: int, results: list[ClientResult],
-                  failures: list[tuple[str, str]]) -> dict[str, np.ndarray] | None:
+                  failures: list[tuple[str, str]]) -> AggregateResult:
         """Combine the clients' results into the next global model.
 
         ``failures`` are ``(client_id, reason)`` pairs of clients that did not
-        answer usefully. Returning None means there is nothing to aggregate (for
-        example fewer results than the strategy's minimum) and the round loop
-        keeps the previous global model.
+        answer usefully. A result whose ``tensors`` is None means there is nothing
+        to aggregate (for example fewer results than the strategy's minimum) and
+        the round loop keeps the previous global model.
         """
 
     @abstractmethod

@@ -26,7 +26,13 @@ from sparsefedpp.trainer.data import load_dataset
 from .flags import add_broker_flags, add_common, broker_settings, setup_logging
 from .metrics import MetricsWriter
 from .progress import say
-from .simulate import SimConfig, config_dict, device_round_config, server_side
+from .simulate import (
+    SimConfig,
+    config_dict,
+    device_round_config,
+    model_stats,
+    server_side,
+)
 
 SIMULATION_ONLY = ("clients", "lda_alpha", "val_share", "train_limit", "workers",
                    "attack", "attackers", "attack_scale")
@@ -118,7 +124,8 @@ def build_aggregator(sim: SimConfig, service: ServiceConfig, broker, emit=None):
     agg = Aggregator(service, strategy, model.state_dict(), broker=broker,
                      round_config=lambda rnd: device_round_config(sim, rnd, test),
                      seed=sim.seed, fingerprint=fingerprint,
-                     evaluate_fn=evaluate_tensors, emit=emit)
+                     evaluate_fn=evaluate_tensors, model_stats=model_stats(model),
+                     emit=emit)
     strategy.set_global(agg.tensors)  # a resumed federation screens against its model
     return agg
 

@@ -250,13 +250,30 @@ def run(args) -> int:
             f.truncate(saved["metrics_bytes"])
     start = time.perf_counter()
     sim = Simulation(config)
-    first, total_up, total_down, before = 0, 0, 0, 0.0
+    first, before = 0, 0.0
     if saved is not None:
-        sim.restore(tensors)
         first, before = saved["round"], saved["elapsed_seconds"]
-        total_up, total_down = saved["cum_bytes_up"], saved["cum_bytes_down"]
+        sim.restore(tensors, next_round=first, totals={
+            "bytes_up": saved["cum_bytes_up"], "bytes_down": saved["cum_bytes_down"]})
     final = _last_eval(metrics_path) if first >= config.rounds else {}
     with MetricsWriter(metrics_path) as metrics:
+        def on_event(event: str, **fields) -> None:
+            """The loop's round event: the metrics line, then the checkpoints (the
+            resume file records the metrics' length with this line)."""
+            metrics.write(event, **fields)
+            if event != "round":
+                return
+            checkpoint.save(out / "model.npz", sim.global_model(),
+                            meta={"round": fields["round"], "method": config.method,
+                                  "sparsity": config.sparsity})
+            save_resume(out / RESUME_FILE, sim, {
+                "round": fields["round"], "config": _normal(config),
+                "cum_bytes_up": fields["cum_bytes_up"],
+                "cum_bytes_down": fields["cum_bytes_down"],
+                "elapsed_seconds": before + time.perf_counter() - start,
+                "metrics_bytes": os.path.getsize(metrics_path)})
+
+        sim.loop.emit = on_event
         if saved is None:
             metrics.write("start", command="simulate", config=config_dict(config),
                           train_examples=len(sim.train), test_examples=len(sim.test),
@@ -271,22 +288,13 @@ def run(args) -> int:
         try:
             for rnd in range(first, config.rounds):
                 rec = sim.run_round(rnd)
-                total_up += rec.bytes_up
-                total_down += rec.bytes_down
-                metrics.write("round", **vars(rec), cum_bytes_up=total_up,
-                              cum_bytes_down=total_down)
-                checkpoint.save(out / "model.npz", sim.global_model(),
-                                meta={"round": rec.round, "method": config.method,
-                                      "sparsity": config.sparsity})
-                save_resume(out / RESUME_FILE, sim, {
-                    "round": rec.round, "config": _normal(config),
-                    "cum_bytes_up": total_up, "cum_bytes_down": total_down,
-                    "elapsed_seconds": before + time.perf_counter() - start,
-                    "metrics_bytes": os.path.getsize(metrics_path)})
                 final = rec.eval
-                _say_round(rec, config.rounds, total_up, quiet=args.quiet)
+                _say_round(rec, config.rounds, sim.loop.totals["bytes_up"],
+                           quiet=args.quiet)
         finally:
             sim.close()
+        total_up, total_down = (sim.loop.totals["bytes_up"],
+                                sim.loop.totals["bytes_down"])
         metrics.write("end", elapsed_seconds=before + time.perf_counter() - start,
                       final=final, cum_bytes_up=total_up, cum_bytes_down=total_down)
     pruned = "  ".join(f"{k} {v:.4f}" for k, v in final.items()

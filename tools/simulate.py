@@ -27,7 +27,10 @@ clients 0 .. K-1 send a poisoned model instead of their trained one
 times s (1e30). It is an experiment knob of the simulation only (``serve`` has
 none), recorded in the start event's config.
 
-With ``workers > 1`` the clients of a round train in spawned processes (one Numba
+The round itself is server/round_loop.py's (the same loop ``serve`` runs over
+MQTT); this module is its in-process transport (``InProcess``): every sampled
+client is available, answers, and its reply crosses the codec. With
+``workers > 1`` the clients of a round train in spawned processes (one Numba
 thread each), which receive the encoded global model and return encoded updates;
 spawn rather than fork because Numba's thread pool does not survive a fork.
 """
@@ -35,10 +38,8 @@ spawn rather than fork because Numba's thread pool does not survive a fork.
 from __future__ import annotations
 
 import math
-import os
-import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 from sparsefedpp.runtime import models, pruning
@@ -48,7 +49,14 @@ from sparsefedpp.runtime.wire.checks import tensors_problem
 from sparsefedpp.runtime.wire.protocol import client_seed
 from sparsefedpp.server import fedavg, robust
 from sparsefedpp.server.fedavg import FedAvg
-from sparsefedpp.server.strategy import ClientResult
+from sparsefedpp.server.round_loop import (
+    Arrivals,
+    RoundLoop,
+    RoundPolicy,
+    RoundRecord,
+    Transport,
+)
+from sparsefedpp.server.strategy import ClientInstruction, ClientResult
 from sparsefedpp.trainer import partition
 from sparsefedpp.trainer.client import (
     LocalConfig,
@@ -174,23 +182,6 @@ class SimConfig:
         return self.lr * (self.lr_end / self.lr) ** (rnd / (self.rounds - 1))
 
 
-@dataclass
-class RoundRecord:
-    round: int
-    lr: float
-    clients: list[str]
-    bytes_up: int
-    bytes_down: int
-    seconds: float
-    train_loss: float
-    train_accuracy: float
-    global_sparsity: float
-    nonzeros: dict[str, int]
-    eval: dict = field(default_factory=dict)
-    failures: list = field(default_factory=list)
-    screening: dict = field(default_factory=dict)
-
-
 # ---- the client side, in this process or in a worker process ------------------
 
 _WORKER: dict = {}
@@ -253,10 +244,70 @@ def poison(tensors: dict[str, np.ndarray], global_tensors: dict[str, np.ndarray]
 # ---- the simulation ---------------------------------------------------------------
 
 
-class Simulation:
-    """Holds the data split, the server strategy and the global model of a run."""
+class InProcess(Transport):
+    """The round loop's transport inside this process: every client is available
+    and answers (no deadline), in this process or in a worker pool; the global
+    model and each update cross the wire codec as bytes."""
 
-    def __init__(self, config: SimConfig):
+    sender = "server"
+
+    def __init__(self, client_ids: list[str], pool: ProcessPoolExecutor | None = None):
+        self.client_ids = list(client_ids)
+        self.pool = pool
+        self._rnd = 0
+        self._plan: list[ClientInstruction] = []
+        self._model = b""
+        self._pending: list = []
+        self._arrivals: Arrivals | None = None
+
+    def open(self, rnd: int) -> None:
+        self._rnd, self._plan, self._pending, self._arrivals = rnd, [], [], None
+
+    def available(self) -> list[str]:
+        return list(self.client_ids)
+
+    def announce(self, rnd: int, attempt: int, plan: list[ClientInstruction],
+                 model: bytes) -> None:
+        """Hand the model to the clients (submitted to the pool at once)."""
+        self._rnd, self._plan, self._model = rnd, list(plan), model
+        self._arrivals = None
+        if self.pool is not None:
+            self._pending = [self.pool.submit(client_task, int(p.client_id), rnd,
+                                              p.config["lr"], model) for p in plan]
+
+    def collect(self, deadline: float, quorum: int) -> Arrivals:
+        """Every selected client's decoded reply (each client trains to the end);
+        a reply for another round or of another kind is a failure."""
+        if self._arrivals is not None:
+            return self._arrivals
+        if self.pool is not None:
+            replies = [f.result() for f in self._pending]
+        else:
+            replies = [client_task(int(p.client_id), self._rnd, p.config["lr"],
+                                   self._model) for p in self._plan]
+        arrivals = Arrivals(bytes_up=sum(len(b) for b in replies))
+        for p, data in zip(self._plan, replies, strict=True):
+            msg = codec.decode(data)
+            if msg.round != self._rnd or msg.kind != "update":
+                reason = f"stale or wrong message (round {msg.round}, kind {msg.kind})"
+                arrivals.failures.append((p.client_id, reason))
+                continue
+            arrivals.results.append(ClientResult(p.client_id, msg.tensors,
+                                                 msg.num_examples, msg.meta))
+        self._arrivals = arrivals
+        return arrivals
+
+    def acknowledge(self, rnd: int, counted: list[str]) -> None:
+        self._pending, self._arrivals = [], None
+
+
+class Simulation:
+    """Holds the data split, the server strategy and the round loop of a run.
+
+    ``emit(event, **fields)`` (settable later as ``loop.emit``) receives every
+    round's metrics event."""
+
+    def __init__(self, config: SimConfig, emit=None):
         self.config = c = config
         train = load_dataset(c.data, "train")
         test = load_dataset(c.data, "test")
@@ -276,7 +327,6 @@ class Simulation:
         self.parts = parts
         self.skew = partition.label_skew(parts, train.labels, len(train.classes))
         self.eval_model, self.strategy, self.evaluate_tensors = server_side(c, test)
-        self.global_tensors = {k: v.copy() for k, v in self.eval_model.state_dict().items()}
         self.client_ids = [str(i) for i in range(c.clients)]
         self._pool = None
         if c.workers > 1:
@@ -285,6 +335,17 @@ class Simulation:
                 initializer=_init_worker, initargs=(c, train, parts))
         else:
             _init_client_side(c, train, parts)
+        self.transport = InProcess(self.client_ids, self._pool)
+        self.loop = RoundLoop(self.strategy, self.transport,
+                              self.eval_model.state_dict(),
+                              policy=simulation_policy(c), method=c.method,
+                              encoding=c.encoding, evaluate_fn=self.evaluate_tensors,
+                              model_stats=model_stats(self.eval_model), emit=emit)
+
+    @property
+    def global_tensors(self) -> dict[str, np.ndarray]:
+        """The current global model's tensors (the loop's)."""
+        return self.loop.tensors
 
     def global_model(self):
         """The current global model as a Model (for checkpoints and export)."""
@@ -297,64 +358,44 @@ class Simulation:
         (seed, round, client) and need no state)."""
         return self.global_tensors
 
-    def restore(self, tensors: dict[str, np.ndarray]) -> None:
-        """Continue from a saved ``state()`` (names, shapes and dtypes checked)."""
+    def restore(self, tensors: dict[str, np.ndarray], *, next_round: int = 0,
+                totals: dict | None = None) -> None:
+        """Continue from a saved ``state()`` (names, shapes and dtypes checked) at
+        round ``next_round`` with the cumulative byte ``totals``."""
         like = self.eval_model.state_dict()
         problem = tensors_problem(tensors, like)
         if problem:
             raise ConfigError(f"simulate resume: the saved global model does not fit "
                               f"the configured model: {problem}")
-        self.global_tensors = {k: np.array(tensors[k]) for k in like}
+        self.loop.tensors = {k: np.array(tensors[k]) for k in like}
+        self.loop.next_round = next_round
+        self.loop.totals.update(totals or {})
         self.strategy.set_global(self.global_tensors)
         self.eval_model.load_state_dict(self.global_tensors)
 
     def run_round(self, rnd: int) -> RoundRecord:
-        c = self.config
-        start = time.perf_counter()
-        lr = c.lr_at(rnd)
-        plan = self.strategy.configure_round(rnd, self.client_ids)
-        down = codec.encode(codec.Message(kind="model", round=rnd, sender="server",
-                                          method=c.method, tensors=self.global_tensors),
-                            c.encoding)
-        clients = [int(p.client_id) for p in plan]
-        if self._pool is not None:
-            futures = [self._pool.submit(client_task, k, rnd, lr, down) for k in clients]
-            replies = [f.result() for f in futures]
-        else:
-            replies = [client_task(k, rnd, lr, down) for k in clients]
-        results, failures = [], []
-        for k, data in zip(clients, replies, strict=True):
-            msg = codec.decode(data)
-            if msg.round != rnd or msg.kind != "update":
-                reason = f"stale or wrong message (round {msg.round}, kind {msg.kind})"
-                failures.append((str(k), reason))
-                continue
-            results.append(ClientResult(str(k), msg.tensors, msg.num_examples, msg.meta))
-        new = self.strategy.aggregate(rnd, results, failures)
-        if new is not None:
-            self.global_tensors = new
-        self.eval_model.load_state_dict(self.global_tensors)
-        fit = self.strategy.last_round.get("fit_metrics", {})
-        record = RoundRecord(
-            round=rnd + 1, lr=lr, clients=[str(k) for k in clients],
-            bytes_up=sum(len(b) for b in replies), bytes_down=len(down) * len(clients),
-            seconds=0.0, train_loss=float(fit.get("loss", float("nan"))),
-            train_accuracy=float(fit.get("accuracy", float("nan"))),
-            global_sparsity=pruning.global_sparsity(self.eval_model),
-            nonzeros=pruning.nonzeros(self.eval_model),
-            failures=self.strategy.last_round.get("failures", failures),
-            screening=self.strategy.last_round.get("screening", {}))
-        if rnd + 1 == c.rounds:  # dense, and after one-shot pruning at each level
-            record.eval = self.strategy.evaluate(rnd, self.global_tensors) or {}
-        elif (rnd + 1) % c.eval_every == 0:
-            record.eval = self.evaluate_tensors(self.global_tensors)
-        record.seconds = time.perf_counter() - start
-        return record
+        """One round of the loop (its event goes to ``loop.emit``)."""
+        return self.loop.run_round(rnd)
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
+
+
+def simulation_policy(c: SimConfig) -> RoundPolicy:
+    """In one process every sampled client answers: no deadline, one attempt."""
+    return RoundPolicy(rounds=c.rounds, quorum=c.min_clients, eval_every=c.eval_every)
+
+
+def model_stats(model):
+    """``stats(tensors)``: the global sparsity and per-layer nonzero counts of the
+    conv/linear weights of ``tensors`` (loaded into the scratch ``model``)."""
+    def stats(tensors: dict[str, np.ndarray]) -> dict:
+        model.load_state_dict(tensors)
+        return {"global_sparsity": pruning.global_sparsity(model),
+                "nonzeros": pruning.nonzeros(model)}
+    return stats
 
 
 def client_parts(train: Dataset, clients: int, lda_alpha: float | None, *,
@@ -372,7 +413,8 @@ def client_parts(train: Dataset, clients: int, lda_alpha: float | None, *,
 def server_side(c: SimConfig, test: Dataset):
     """The aggregator's model (initial global weights, seeded), its FedAvg strategy
     (screening, aggregator; its global model starts as the model's weights; no
-    pruning of the aggregate unless ``server_prune``) and ``evaluate_fn(tensors)``
+    pruning of the aggregate unless ``server_prune``; every instruction carries
+    the round's ``lr``) and ``evaluate_fn(tensors)``
     (test loss and accuracy of a global model as is, its density, and the same
     metrics of a copy pruned globally to the method's sparsity, ``*_pruned``), as
     the simulation and ``sparsefedpp serve`` both build them."""
@@ -386,6 +428,7 @@ def server_side(c: SimConfig, test: Dataset):
 
     sparsity = c.method_config.sparsity if c.method != "fedavg" else None
     strategy = FedAvg(per_round=c.per_round, min_clients=c.min_clients, seed=c.seed,
+                      round_config=lambda rnd: {"lr": c.lr_at(rnd)},
                       prune_to=(sparsity or None) if c.server_prune else None,
                       prune_scope=c.method_config.prune_scope,
                       prune_model=model, evaluate_fn=evaluate_fn,
@@ -419,7 +462,3 @@ def config_dict(config: SimConfig) -> dict:
     d = asdict(config)
     d["eval_sparsities"] = list(config.eval_sparsities)
     return d
-
-
-def default_workers() -> int:
-    return max(1, min(2, os.cpu_count() or 1))

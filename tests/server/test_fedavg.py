@@ -122,7 +122,8 @@ def test_round_config_is_merged_into_every_instruction():
 def test_aggregate_is_the_weighted_mean_of_the_results(client_states):
     strategy = FedAvg(per_round=3)
 
-    got = strategy.aggregate(1, _results(client_states), [])
+    out = strategy.aggregate(1, _results(client_states), [])
+    got = out.tensors
 
     expected = weighted_mean([(s, n) for s, n in
                               zip(client_states, (500, 300, 200), strict=True)])
@@ -130,8 +131,8 @@ def test_aggregate_is_the_weighted_mean_of_the_results(client_states):
     for name in expected:
         np.testing.assert_array_equal(got[name], expected[name])
     assert got["bn1.num_batches_tracked"] == 17  # (10*500 + 20*300 + 30*200) / 1000
-    assert strategy.last_round["num_examples"] == 1000
-    assert strategy.last_round["fit_metrics"] == {"loss": pytest.approx(0.7)}
+    assert out.num_examples == 1000
+    assert out.fit_metrics == {"loss": pytest.approx(0.7)}
 
 
 def test_below_min_clients_returns_none_with_a_logged_reason(client_states, caplog):
@@ -143,26 +144,28 @@ def test_below_min_clients_returns_none_with_a_logged_reason(client_states, capl
                ClientResult("c", client_states[2], 0)]
 
     with caplog.at_level(logging.WARNING, logger="sparsefedpp.server.fedavg"):
-        got = strategy.aggregate(2, results, [("d", "deadline")])
+        out = strategy.aggregate(2, results, [("d", "deadline")])
+        got = out.tensors
 
     assert got is None
     assert "min_clients=2" in caplog.text and "keeping the previous" in caplog.text
-    reasons = dict(strategy.last_round["failures"])
+    reasons = dict(out.failures)
     assert set(reasons) == {"a", "b", "c", "d"}
     assert "NaN" in reasons["b"] and "duplicate" in reasons["a"]
-    assert strategy.last_round["num_results"] == 1
+    assert out.num_results == 1
 
 
 def test_a_mismatched_client_is_dropped_and_the_rest_averaged(client_states, model):
     bad = {**client_states[1], "fc.weight": np.zeros((10, 32), np.float32)}
     strategy = FedAvg(per_round=3, min_clients=2, prune_model=model)
 
-    got = strategy.aggregate(0, [ClientResult("x", bad, 10),
+    out = strategy.aggregate(0, [ClientResult("x", bad, 10),
                                  *_results(client_states[::2], (1, 3))], [])
+    got = out.tensors
 
     expected = weighted_mean([(client_states[0], 1), (client_states[2], 3)])
     np.testing.assert_array_equal(got["fc.weight"], expected["fc.weight"])
-    assert "fc.weight" in dict(strategy.last_round["failures"])["x"]
+    assert "fc.weight" in dict(out.failures)["x"]
 
 
 # ----------------------------------------------------------------------- pruning
@@ -173,7 +176,8 @@ def test_prune_to_gives_the_global_sparsity_on_the_aggregate(client_states, mode
     dense = weighted_mean([(s, n) for s, n in
                            zip(client_states, (500, 300, 200), strict=True)])
 
-    got = strategy.aggregate(0, _results(client_states), [])
+    out = strategy.aggregate(0, _results(client_states), [])
+    got = out.tensors
 
     kept = sum(np.count_nonzero(got[n]) for n in prunable)
     assert kept == round((1 - sparsity) * NUM_WEIGHTS)
@@ -193,7 +197,8 @@ def test_prune_scope_layer_prunes_every_layer_on_its_own(client_states, model,
                                                          prunable):
     strategy = FedAvg(per_round=3, prune_to=0.9, prune_scope="layer", prune_model=model)
 
-    got = strategy.aggregate(0, _results(client_states), [])
+    out = strategy.aggregate(0, _results(client_states), [])
+    got = out.tensors
 
     for name in prunable:  # ZeroFL's per-layer top-k: no layer is emptied
         assert np.count_nonzero(got[name]) == round(0.1 * got[name].size), name
@@ -217,7 +222,8 @@ def test_by_default_the_aggregate_of_pruned_models_is_not_pruned_again(client_st
     pruned = _pruned_states(client_states, 0.9)  # as the reference: clients prune
     strategy = FedAvg(per_round=3, prune_model=model)
 
-    got = strategy.aggregate(0, _results(pruned), [])
+    out = strategy.aggregate(0, _results(pruned), [])
+    got = out.tensors
 
     want = weighted_mean([(s, n) for s, n in zip(pruned, (500, 300, 200), strict=True)])
     for name in want:
@@ -347,14 +353,15 @@ def test_screening_rejects_scaled_and_big_updates_and_keeps_honest_ones(
     strategy = FedAvg(per_round=11, initial=g, aggregator=aggregator)
 
     with caplog.at_level(logging.WARNING, logger="sparsefedpp.server.fedavg"):
-        got = strategy.aggregate(0, [*honest[:4], *attacks, *honest[4:]], [])
+        out = strategy.aggregate(0, [*honest[:4], *attacks, *honest[4:]], [])
+        got = out.tensors
 
-    reasons = dict(strategy.last_round["failures"])
+    reasons = dict(out.failures)
     assert set(reasons) == {"x1e3", "x1e30", "flip100"}
     assert all("exceeds the bound" in r for r in reasons.values())
     assert "x1e30" in caplog.text and "rejected" in caplog.text
-    assert strategy.last_round["num_results"] == 8
-    screening = strategy.last_round["screening"]
+    assert out.num_results == 8
+    screening = out.screening
     assert set(screening["norms"]) == {r.client_id for r in honest} | set(reasons)
     assert max(screening["ratios"][r.client_id] for r in honest) < 2
     assert screening["ratios"]["x1e3"] > 500
@@ -377,9 +384,10 @@ def test_a_round_of_two_is_bounded_by_the_global_model_norm(global_state):
 
     scaled = _attack(g, honest[0], "x1e3", lambda g, x: g + 1e3 * (x - g))
 
-    got = strategy.aggregate(0, [honest[0], scaled], [])
+    out = strategy.aggregate(0, [honest[0], scaled], [])
+    got = out.tensors
 
-    assert [c for c, _ in strategy.last_round["failures"]] == ["x1e3"]
+    assert [c for c, _ in out.failures] == ["x1e3"]
     np.testing.assert_array_equal(got["fc.weight"], honest[0].tensors["fc.weight"])
 
 
@@ -387,16 +395,17 @@ def test_screening_follows_the_global_model(global_state):
     """The reference is each returned model, or one given to set_global."""
     g = global_state
     strategy = FedAvg(per_round=5, initial=g)
-    first = strategy.aggregate(0, _honest(g, 5), [])
+    out = strategy.aggregate(0, _honest(g, 5), [])
+    first = out.tensors
     moved = {k: (v + 1.0).astype(v.dtype) if v.dtype.kind == "f" else v
              for k, v in first.items()}
 
-    strategy.aggregate(1, _honest(first, 5, seed=1), [])  # small changes from `first`
-    assert strategy.last_round["screening"]["median"] < 5  # ~0.01 * sqrt(#weights)
+    out = strategy.aggregate(1, _honest(first, 5, seed=1), [])  # small changes
+    assert out.screening["median"] < 5  # ~0.01 * sqrt(#weights)
 
     strategy.set_global(moved)
-    strategy.aggregate(2, _honest(first, 5, seed=2), [])
-    assert strategy.last_round["screening"]["median"] > 100  # ~sqrt(#weights) away
+    out = strategy.aggregate(2, _honest(first, 5, seed=2), [])
+    assert out.screening["median"] > 100  # ~sqrt(#weights) away
 
 
 def test_screening_off_accepts_everything_finite(global_state):
@@ -405,9 +414,10 @@ def test_screening_off_accepts_everything_finite(global_state):
     big = _attack(g, honest[0], "x1e30", lambda g, x: 1e30 * x)
     strategy = FedAvg(per_round=5, initial=g, screen_median=0, screen_global=0)
 
-    got = strategy.aggregate(0, [*honest, big], [])
+    out = strategy.aggregate(0, [*honest, big], [])
+    got = out.tensors
 
-    assert strategy.last_round["failures"] == []
+    assert out.failures == []
     assert np.abs(got["fc.weight"]).max() > 1e25  # what plain FedAvg lets through
 
 
@@ -425,9 +435,10 @@ def test_a_non_finite_aggregate_keeps_the_old_model(global_state, monkeypatch, c
     monkeypatch.setattr(aggregate.Accumulator, "result", overflowing)
     strategy = FedAvg(per_round=3, initial=g)
     with caplog.at_level(logging.WARNING, logger="sparsefedpp.server.fedavg"):
-        assert strategy.aggregate(0, _honest(g, 3), []) is None
+        out = strategy.aggregate(0, _honest(g, 3), [])
+        assert out.tensors is None
     assert "not finite" in caplog.text and "fc.weight" in caplog.text
-    assert strategy.last_round["aggregated"] is False
+    assert out.aggregated is False
 
 
 def test_num_examples_above_max_examples_is_a_failure(global_state):
@@ -436,11 +447,11 @@ def test_num_examples_above_max_examples_is_a_failure(global_state):
     greedy = ClientResult("greedy", honest[0].tensors, 10**7)
     strategy = FedAvg(per_round=4, initial=g, max_examples=50_000)
 
-    strategy.aggregate(0, [*honest, greedy], [])
+    out = strategy.aggregate(0, [*honest, greedy], [])
 
-    reasons = dict(strategy.last_round["failures"])
+    reasons = dict(out.failures)
     assert list(reasons) == ["greedy"] and "max_examples=50000" in reasons["greedy"]
-    assert strategy.last_round["num_examples"] == sum(r.num_examples for r in honest)
+    assert out.num_examples == sum(r.num_examples for r in honest)
 
 
 def test_default_max_examples_is_documented_and_bounds_the_weight():
@@ -455,9 +466,10 @@ def test_mismatched_or_hostile_integer_tensors_are_failures(global_state):
     huge = dict(honest[0].tensors, **{"bn1.num_batches_tracked": np.array(2**62)})
     strategy = FedAvg(per_round=4, initial=g)
 
-    got = strategy.aggregate(0, [*honest, ClientResult("huge", huge, 10)], [])
+    out = strategy.aggregate(0, [*honest, ClientResult("huge", huge, 10)], [])
+    got = out.tensors
 
-    assert "integers within" in dict(strategy.last_round["failures"])["huge"]
+    assert "integers within" in dict(out.failures)["huge"]
     assert got["bn1.num_batches_tracked"] == g["bn1.num_batches_tracked"] + 5
 
 
@@ -468,9 +480,10 @@ def test_hostile_metrics_are_skipped_not_fatal(client_states, bad):
     results[1] = ClientResult("c1", client_states[1], 300, {"loss": bad, "acc": 0.5})
 
     strategy = FedAvg(per_round=3)
-    assert strategy.aggregate(0, results, []) is not None
+    out = strategy.aggregate(0, results, [])
+    assert out.tensors is not None
 
-    fit = strategy.last_round["fit_metrics"]
+    fit = out.fit_metrics
     assert fit["loss"] == pytest.approx((0 * 500 + 2 * 200) / 700)  # c1's loss skipped
     assert fit["acc"] == 0.5
 
@@ -479,5 +492,5 @@ def test_metrics_that_are_not_a_dict_are_skipped(client_states):
     results = _results(client_states)
     results[0] = ClientResult("c0", client_states[0], 500, metrics=["loss", 1.0])
     strategy = FedAvg(per_round=3)
-    strategy.aggregate(0, results, [])
-    assert strategy.last_round["fit_metrics"] == {"loss": pytest.approx(1.4)}
+    out = strategy.aggregate(0, results, [])
+    assert out.fit_metrics == {"loss": pytest.approx(1.4)}

@@ -306,7 +306,7 @@ def test_a_counted_update_is_acked_already_counted_also_after_a_restart(tmp_path
     send(agg, "dev1", good)
     send(agg, "dev1", good)  # the same round: counted once
     assert [a["reason"] for a in agg._mqtt.acks("dev1")] == ["", ALREADY_COUNTED]
-    # the round is aggregated and saved (what run_round does after _finish)
+    # the round is aggregated and saved (what the round loop does after aggregating)
     agg._counted[protocol.digest_of(good)] = (0, "dev1")
     agg.next_round = 1
     agg._save()
