@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-from sparsefedpp.runtime import codec
+from sparsefedpp.runtime.wire import codec
 from sparsefedpp.runtime.errors import ConfigError
 
 from .strategy import AggregateResult, ClientInstruction, ClientResult, Strategy

@@ -65,10 +65,12 @@ def test_fedavg_is_a_strategy():
                            for cls in (FedAvg, Strategy))
         assert list(ours) == list(interface), name
     # ... and answers as the interface documents: instructions for the picked
-    # clients, None when there is nothing to aggregate or no server-side evaluation
+    # clients, no tensors when there is nothing to aggregate or no server-side evaluation
     picked = strategy.configure_round(1, IDS)
     assert len(picked) == 2 and all(isinstance(i, ClientInstruction) for i in picked)
-    assert strategy.aggregate(1, [], [(picked[0].client_id, "timeout")]) is None
+    nothing = strategy.aggregate(1, [], [(picked[0].client_id, "timeout")])
+    assert nothing.tensors is None and nothing.num_results == 0
+    assert nothing.failures == [(picked[0].client_id, "timeout")]
     assert strategy.evaluate(1, {}) is None
 
 

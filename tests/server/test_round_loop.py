@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 import pytest
-from sparsefedpp.runtime import codec
+from sparsefedpp.runtime.wire import codec
 from sparsefedpp.runtime.errors import ConfigError
 from sparsefedpp.server.fedavg import FedAvg
 from sparsefedpp.server.round_loop import (
