@@ -14,7 +14,7 @@
 #      the versions in the host venv, installed with the host pip into a site folder;
 #   4. byte-compiles the sysroot's stdlib and the site folder once (Debian ships no .pyc;
 #      imports would take seconds each under emulation);
-#   5. NUMBA_CACHE_DIR in the cache, so the kernels (compiled eagerly at import, about
+#   5. NUMBA_CACHE_DIR in the cache, so the kernels (each compiled at its first call, about
 #      5 minutes for all of them under emulation) are compiled once; the project is
 #      staged as copies rewritten only when their bytes change, since Numba's cache
 #      keys on the sources' mtimes (a fresh clone would invalidate symlinked ones);
