@@ -167,10 +167,12 @@ def _normal(config: SimConfig) -> dict:
 
 def save_resume(path: Path, sim: Simulation, meta: dict) -> None:
     """Write what ``--resume`` needs atomically (NumPy .npz: the tensors exactly,
-    ``meta`` as a JSON string; no pickle)."""
+    ``meta`` as a JSON string; no pickle). Compressed: a pruned model is mostly
+    zeros (ResNet-18 at 99 %: 45 MB plain, 0.7 MB compressed), so the resume
+    files of long runs can be committed and carried to the next sitting."""
     arrays = {f"tensor.{k}": v for k, v in sim.state().items()}
     arrays["meta"] = np.array(json.dumps(meta))
-    checkpoint.write_atomic(path, lambda f: np.savez(f, **arrays))
+    checkpoint.write_atomic(path, lambda f: np.savez_compressed(f, **arrays))
 
 
 def load_resume(path: Path) -> tuple[dict, dict]:
