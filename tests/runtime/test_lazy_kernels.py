@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from sparsefedpp.runtime.kernels import config, pool
 
-pytestmark = pytest.mark.device  # part of the emulated-ARM subset (.ci/aarch64.sh)
 
 STEP = """
 import json, sys, numpy as np
@@ -43,7 +42,7 @@ def _step(mode: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # child processes: not in the emulated-ARM subset
 def test_a_step_loads_only_its_kernels_and_computes_what_eager_loading_does():
     # A kernel compiled in this process and the same kernel loaded from Numba's
     # cache can differ in the last bit of float32 results (measured here, eager
@@ -59,6 +58,7 @@ def test_a_step_loads_only_its_kernels_and_computes_what_eager_loading_does():
     assert lazy["grads"] == eager["grads"]
 
 
+@pytest.mark.device  # part of the emulated-ARM subset (.ci/aarch64.sh)
 def test_a_loaded_kernel_refuses_other_types_instead_of_compiling_them():
     config.load(pool._maxpool_backward)
     assert config.is_loaded(pool._maxpool_backward)
@@ -68,6 +68,7 @@ def test_a_loaded_kernel_refuses_other_types_instead_of_compiling_them():
     assert len(pool._maxpool_backward.signatures) == 1
 
 
+@pytest.mark.device  # part of the emulated-ARM subset (.ci/aarch64.sh)
 def test_first_call_with_other_types_refuses_them_too():
     @config.kernel("i8(i8)", cache=False)
     def twice(a):  # pragma: no cover - compiled
@@ -81,6 +82,7 @@ def test_first_call_with_other_types_refuses_them_too():
     assert len(twice.signatures) == 1
 
 
+@pytest.mark.device  # part of the emulated-ARM subset (.ci/aarch64.sh)
 def test_a_kernel_called_by_another_is_loaded_with_its_own_signature():
     @config.kernel("f8(f8)", cache=False)
     def inner(a):  # pragma: no cover - compiled
@@ -94,6 +96,7 @@ def test_a_kernel_called_by_another_is_loaded_with_its_own_signature():
     assert [str(s) for s in inner.signatures] == ["(float64,)"]  # not (int64,)
 
 
+@pytest.mark.device  # part of the emulated-ARM subset (.ci/aarch64.sh)
 def test_kernel_needs_a_signature():
     with pytest.raises(ValueError, match="signature"):
         config.kernel([])
