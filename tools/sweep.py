@@ -93,6 +93,7 @@ def point_state(folder: Path) -> dict:
         except (OSError, ValueError, KeyError):
             rounds_done = 0
     metrics = folder / "metrics.jsonl"
+    logged = []
     if metrics.exists():
         with open(metrics, encoding="utf-8") as f:
             for line in f:
@@ -101,10 +102,16 @@ def point_state(folder: Path) -> dict:
                 except ValueError:
                     continue  # a torn last line
                 kind = event.get("event")
-                if kind == "round" and event.get("round", 0) <= rounds_done:
-                    seconds.append(float(event.get("seconds", math.nan)))
+                if kind == "round":
+                    logged.append(event)
                 elif kind == "end":
                     end = event
+    if end is not None and logged:
+        # A finished point needs no checkpoint (results/ keeps metrics only), so
+        # its metrics say how many rounds it ran.
+        rounds_done = max(rounds_done, max(int(e.get("round", 0)) for e in logged))
+    seconds = [float(e.get("seconds", math.nan)) for e in logged
+               if e.get("round", 0) <= rounds_done]
     rate = float(np.nanmean(seconds)) if seconds and not all(map(math.isnan, seconds)) \
         else None
     return {"rounds_done": rounds_done, "end": end, "rate": rate}

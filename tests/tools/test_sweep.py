@@ -75,6 +75,16 @@ def test_an_interrupted_sweep_resumes_and_a_finished_one_runs_nothing(
     assert calls == []  # everything finished: nothing built, nothing run
     assert "2 finished" in capsys.readouterr().err
 
+    # results/ commits metrics, not checkpoints (*.npz is ignored): a finished
+    # point without its resume.npz is still finished, and its metrics survive.
+    for f in out.glob("*/*.npz"):
+        f.unlink()
+    kept = (out / "topk-s0.9-seed0" / "metrics.jsonl").read_bytes()
+    assert _sweep(out) == 0
+    assert calls == []
+    assert "2 finished" in capsys.readouterr().err
+    assert (out / "topk-s0.9-seed0" / "metrics.jsonl").read_bytes() == kept
+
 
 def _row(method, sparsity, seed, acc, pruned, **config):
     c = {"method": method, "sparsity": sparsity, "model": "resnet8", "width": 1.0,
