@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from sparsefedpp.runtime.errors import ConfigError, DataError
 from sparsefedpp.trainer import data as D
+from sparsefedpp.trainer.data.idx import _IDX_FILES as IDX_FILES
 
 
 
@@ -47,7 +48,7 @@ def write_idx(folder: Path, n_train: int = 6, n_test: int = 3, gz: bool = True,
     folder.mkdir(parents=True, exist_ok=True)
     arrays = {}
     for split, n in (("train", n_train), ("test", n_test)):
-        img_stem, lab_stem = D._IDX_FILES[split]
+        img_stem, lab_stem = IDX_FILES[split]
         arrays[img_stem] = rng.integers(0, 256, (n, 5, 4), dtype=np.uint8)
         arrays[lab_stem] = rng.integers(0, 10, n, dtype=np.uint8)
     for stem, arr in arrays.items():
