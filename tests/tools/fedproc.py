@@ -14,14 +14,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
+from conftest import CIFAR_DIR, skip_or_fail
 from sparsefedpp.runtime.wire import codec
 from sparsefedpp.tools import cli
 from sparsefedpp.tools.cmd_serve import config_toml
 from sparsefedpp.tools.metrics import read_metrics
 from sparsefedpp.tools.simulate import SimConfig, Simulation
 
-CIFAR = Path(__file__).resolve().parents[2].parent / "shared/data/cifar-10-batches-py"
+CIFAR = CIFAR_DIR   # the one data path, from tests/conftest.py
 LIMIT = 400          # training examples split over the devices
 TEST_LIMIT = 200
 FED = dict(method="sparsefedpp", sparsity=0.9, model="cnn", test_limit=TEST_LIMIT,
@@ -29,10 +29,10 @@ FED = dict(method="sparsefedpp", sparsity=0.9, model="cnn", test_limit=TEST_LIMI
 
 
 def require_cifar() -> None:
+    """Skip (fail under CI=true) when the CIFAR-10 folder is missing."""
     if not CIFAR.is_dir():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CIFAR-10 missing at {CIFAR} under CI")
-        pytest.skip(f"CIFAR-10 not at {CIFAR}")
+        skip_or_fail(f"CIFAR-10 not at {CIFAR} (the python version from "
+                     "cs.toronto.edu; or set SFPP_CIFAR10 to its folder)")
 
 
 def make_shards(out: Path, clients: int, limit: int = LIMIT) -> list[Path]:
