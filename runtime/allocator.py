@@ -7,7 +7,7 @@ back with madvise/brk; the next array of that size then faults every one of its
 pages in again. Measured here (a 2-core VM, where a page fault is a VM exit):
 the frozen eval forward of ResNet-8 at 99 % took 14.4 ms with glibc's defaults
 and 2.4 ms with these settings; the 99 %-sparse ResNet-8 train step 36-39 ms
-against 20-26 ms (``python tools/profile_step.py``). On bare metal a fault
+against 20-26 ms (``python -m sparsefedpp.tools.bench.profile_step``). On bare metal a fault
 costs less, but a 2 MB activation is still 512 of them per call.
 
 ``keep_freed_memory()`` sets M_MMAP_THRESHOLD to 32 MB (the largest glibc

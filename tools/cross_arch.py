@@ -2,7 +2,7 @@
 
 ``dump OUT.npz`` builds fixed models from fixed seeds, runs one forward + backward on a
 fixed batch and writes what the step computed: logits, the gradient of the input, every
-parameter gradient, and the wire bytes (runtime/codec.py) of each model's state.
+parameter gradient, and the wire bytes (runtime/wire/codec.py) of each model's state.
 ``compare A.npz B.npz`` checks two dumps, e.g. one from the host and one from the
 emulated board (.ci/aarch64.sh): every float array must agree to ``RTOL`` times the
 largest magnitude of that array (kernels use a restricted fast-math set and other

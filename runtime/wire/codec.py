@@ -77,7 +77,7 @@ bomb costs at most max(1 MiB, max_ratio x its stored size) plus one piece, and x
 at most declared size + 1 MiB more of dictionary (memory limit min(64 MiB,
 declared + 1 MiB): this encoder sizes the dictionary to the data).
 
-Measured raw/stored ratios of real encodings (tools/bench_codec_limits.py ratios:
+Measured raw/stored ratios of real encodings (tools/bench/codec_limits.py ratios:
 cnn, resnet8, resnet18 at sparsity 0, 0.9, 0.99, 0.999; fresh, with trained-like
 BatchNorm, and after 3 SGD steps; every preset). Uncompressed presets: 1. zlib/xz
 presets: 1.08-1.17 at sparsity 0, at most 1.85 at 0.9 and 0.99; the worst are

@@ -157,7 +157,7 @@ def decode(data: bytes | bytearray | memoryview, *, max_bytes: int | None = None
 
 def _body_sizes(data: bytes) -> tuple[int, int, int]:
     """(compression code, declared raw body, stored body) without inflating; for
-    the measurements of tools/bench_codec_limits.py and the tests."""
+    the measurements of tools/bench/codec_limits.py and the tests."""
     reader = _Reader(memoryview(data).cast("B")[:-4])
     _decode_header(reader)
     raw = sum(e.nbytes for e in _decode_table(reader, MAX_TENSOR_ELEMENTS, None, False))

@@ -226,7 +226,7 @@ def flipped(data: bytes) -> bytes:
 
 def chunk(body: bytes, *, version=1, index=0, count=1, total=None,
           digest=None) -> bytes:
-    """One SFCK frame with any header fields (see runtime/protocol.py)."""
+    """One SFCK frame with any header fields (see runtime/wire/protocol.py)."""
     total = len(body) if total is None else total
     digest = hashlib.sha256(body).digest() if digest is None else digest
     head = protocol.CHUNK_HEADER.pack(protocol.CHUNK_MAGIC, version, index, count,

@@ -1,4 +1,4 @@
-"""Bytes on the wire per codec preset for pruned ResNet state dicts (runtime/codec.py).
+"""Bytes on the wire per codec preset for pruned ResNet state dicts (runtime/wire/codec.py).
 
 Usage:  python tools/bench/codec.py [--models resnet8,resnet18]
             [--sparsities 0,0.9,0.99,0.999] [--presets dense,csr32,...]

@@ -1,4 +1,4 @@
-"""The numbers behind the codec's decode limits (runtime/codec.py, issue 14).
+"""The numbers behind the codec's decode limits (runtime/wire/codec.py, issue 14).
 
 Usage:  python tools/bench/codec_limits.py ratios [--models cnn,resnet8,resnet18]
             [--sparsities 0,0.9,0.99,0.999] [--train-steps 3]
