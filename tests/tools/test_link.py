@@ -29,6 +29,11 @@ from sparsefedpp.tools.bench.link import (
 pytestmark = pytest.mark.mqtt
 
 
+def sh(*argv: str) -> str:
+    return subprocess.run(argv, capture_output=True, text=True, check=True,
+                          timeout=30).stdout
+
+
 def need_root():
     if os.geteuid() != 0:
         skip_or_fail("network namespaces need root")
@@ -134,8 +139,7 @@ def test_thin_link_limits_the_rate_and_leaves_nothing_behind():
         counts = link.counters()
         assert counts["device_tx_bytes"] >= 256 * 800
     assert set(namespaces()) == before
-    assert link.host_if not in subprocess.run(["ip", "-o", "link"], capture_output=True,
-                                              text=True, check=True).stdout
+    assert link.host_if not in sh("ip", "-o", "link")
 
 
 def test_loss_drops_packets_on_the_link_and_only_there():
@@ -144,20 +148,18 @@ def test_loss_drops_packets_on_the_link_and_only_there():
         skip_or_fail("iptables missing: apt-get install iptables")
     with ThinLink(LinkSpec(rate_bits=10_000_000, rtt_s=0.0, loss=0.3)) as link:
         tag = link.netns
-        assert tag in subprocess.run([*link.prefix, "iptables", "-S"],
-                                     capture_output=True, text=True, check=True).stdout
-        assert tag in subprocess.run(["iptables", "-S"], capture_output=True,
-                                     text=True, check=True).stdout
+        assert tag in sh(*link.prefix, "iptables", "-S")
+        assert tag in sh("iptables", "-S")
         recv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         recv.bind((link.host_ip, 0))
         recv.settimeout(1.0)
         sent = 400
-        subprocess.run([*link.prefix, sys.executable, "-c",
-                        "import socket,sys,time\n"
-                        "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
-                        f"for i in range({sent}):\n"
-                        f"    s.sendto(b'x',('{link.host_ip}',{recv.getsockname()[1]}))"
-                        "; time.sleep(0.001)\n"], check=True, timeout=30)
+        sh(*link.prefix, sys.executable, "-c",
+           ("import socket, time\n"
+            "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            f"for i in range({sent}):\n"
+            f"    s.sendto(b'x', ('{link.host_ip}', {recv.getsockname()[1]}))\n"
+            "    time.sleep(0.001)\n"))
         got = 0
         try:
             while True:
@@ -168,8 +170,7 @@ def test_loss_drops_packets_on_the_link_and_only_there():
         recv.close()
         assert 0.55 * sent < got < 0.85 * sent, got   # 30 % dropped, binomial spread
     # the root namespace's rule went with the link
-    assert tag not in subprocess.run(["iptables", "-S"], capture_output=True,
-                                     text=True, check=True).stdout
+    assert tag not in sh("iptables", "-S")
 
 
 def test_a_federation_runs_over_a_thin_link(tmp_path, small_dataset):
