@@ -329,13 +329,16 @@ class DelayRelay:
 
         async def stop() -> None:
             self._server.close()
-            for task in asyncio.all_tasks():
-                if task is not asyncio.current_task():
-                    task.cancel()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)  # let them close
 
         asyncio.run_coroutine_threadsafe(stop(), self._loop).result(COMMAND_TIMEOUT)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(COMMAND_TIMEOUT)
+        if not self._thread.is_alive():
+            self._loop.close()
 
     def __enter__(self) -> DelayRelay:
         return self
