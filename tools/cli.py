@@ -10,7 +10,7 @@ from sparsefedpp.runtime.errors import SparseFedError
 
 COMMANDS = ("train", "evaluate", "simulate", "report", "bench", "bench-sparse", "cost",
             "export", "predict", "partition", "serve", "client", "bench-mqtt", "warmup",
-            "bench-memory", "sweep")
+            "bench-memory", "sweep", "bench-link")
 
 
 def build_parser() -> argparse.ArgumentParser:

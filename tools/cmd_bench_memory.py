@@ -5,7 +5,7 @@ Each configuration (framework, model, sparsity) runs in a fresh
 ``tools/bench/memory_worker.py`` process that trains one local round on a real shard
 (default: the first 500 images of Fashion-MNIST; ``--data`` a CIFAR-10 folder or
 anything ``sparsefedpp train --data`` takes) through the client's own code path
-(``trainer.client.local_round``) on the global model as a device receives it
+(``trainer.local_round.local_round``) on the global model as a device receives it
 (encoded, decoded into a model built without random initialisation), and reports
 where the megabytes go: RSS after the imports, the kernels, the data, the weights,
 the first step and the round, the peak (VmHWM), the bytes of weights, gradients,
@@ -112,7 +112,7 @@ def write_global_model(path: Path, model: str, sparsity: float, width: float,
     """The global model a device receives, encoded as the aggregator sends it:
     seeded Powerprop weights (alpha 1.25) pruned globally to ``sparsity``. Built
     here, so the worker measures a client's round: no random initialisation,
-    decode, load (trainer/mqtt_client.py)."""
+    decode, load (trainer/device_agent.py)."""
     from sparsefedpp.runtime import models, pruning
     from sparsefedpp.runtime.wire import codec
 

@@ -1,10 +1,10 @@
-"""``sparsefedpp client``: a device agent of an MQTT federation (trainer/mqtt_client.py)."""
+"""``sparsefedpp client``: a device agent of an MQTT federation (trainer/device_agent.py)."""
 
 from __future__ import annotations
 
 from sparsefedpp.trainer.data import load_dataset
 from sparsefedpp.trainer.memory_budget import parse_size
-from sparsefedpp.trainer.mqtt_client import AgentConfig, DeviceAgent
+from sparsefedpp.trainer.device_agent import AgentConfig, DeviceAgent
 
 from .flags import add_broker_flags, add_common, broker_settings, setup_logging
 from .device_check import run_checks

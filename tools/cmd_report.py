@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sparsefedpp.runtime.errors import ConfigError
+from sparsefedpp.trainer.methods import is_dense
 
 from .metrics import read_metrics
 
@@ -70,7 +71,7 @@ def variant(c: dict) -> str:
     """What a run did beyond the reference ('' for the reference). Runs from before
     ``server_prune`` existed always re-pruned the aggregate."""
     parts = []
-    if c.get("server_prune", True) and c["method"] != "fedavg":
+    if c.get("server_prune", True) and not is_dense(c["method"]):
         parts.append("server-prune")
     if c.get("layer_floor", 0):
         parts.append(f"floor {c['layer_floor']}")

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 from sparsefedpp.runtime import checkpoint, models
-from sparsefedpp.runtime.wire.codec import ENCODINGS
 from sparsefedpp.runtime.errors import ConfigError
+from sparsefedpp.runtime.wire.codec import ENCODINGS
 from sparsefedpp.server.robust import AGGREGATORS
-from sparsefedpp.trainer.client import METHODS
+from sparsefedpp.trainer.methods import METHODS
 
 from .flags import add_common
 from .metrics import MetricsWriter, read_metrics

@@ -6,7 +6,7 @@ to bytes, counted, and decoded on the other side, exactly as over MQTT.
 
 Round r: the strategy samples clients; the global model is encoded once (downlink
 bytes = its size times the clients of the round); each client decodes it, trains
-one round (trainer/client.py) and encodes its update; the server decodes the
+one round (trainer/local_round.py, the method's own steps in trainer/methods/) and encodes its update; the server decodes the
 updates, runs FedAvg weighted by sample counts and evaluates the result as is and
 pruned globally to the method's sparsity (``accuracy_pruned``). As in the reference
 (SparsyFed), the server does not prune the aggregate: each client prunes its own
@@ -58,14 +58,10 @@ from sparsefedpp.server.round_loop import (
 )
 from sparsefedpp.server.strategy import ClientInstruction, ClientResult
 from sparsefedpp.trainer import partition
-from sparsefedpp.trainer.client import (
-    LocalConfig,
-    MethodConfig,
-    default_alpha,
-    local_round,
-)
 from sparsefedpp.trainer.data import Dataset, load_dataset
 from sparsefedpp.trainer.local import evaluate
+from sparsefedpp.trainer.local_round import LocalConfig, local_round
+from sparsefedpp.trainer.methods import MethodConfig, default_alpha, default_sparsity
 
 EVAL_SPARSITIES = (0.9, 0.95, 0.99, 0.995, 0.999)
 ATTACKS = {"none": None, "scale": 1e3, "signflip": 1.0, "big": 1e30}  # default s
@@ -116,7 +112,7 @@ class SimConfig:
 
     def __post_init__(self):
         if self.sparsity is None:  # frozen: resolve the default in place
-            object.__setattr__(self, "sparsity", 0.0 if self.method == "fedavg" else 0.9)
+            object.__setattr__(self, "sparsity", default_sparsity(self.method))
         MethodConfig(self.method, self.sparsity, self.mask_ratio, self.min_keep,
                      layer_floor=self.layer_floor)
         checks = (("clients", self.clients, 1), ("per_round", self.per_round, 1),
@@ -426,13 +422,13 @@ def server_side(c: SimConfig, test: Dataset):
         model.load_state_dict(tensors)
         return evaluate(model, test)
 
-    sparsity = c.method_config.sparsity if c.method != "fedavg" else None
+    sparsity = c.method_config.spec.eval_sparsity(c.method_config)
     strategy = FedAvg(per_round=c.per_round, min_clients=c.min_clients, seed=c.seed,
                       round_config=lambda rnd: {"lr": c.lr_at(rnd)},
-                      prune_to=(sparsity or None) if c.server_prune else None,
+                      prune_to=sparsity if c.server_prune else None,
                       prune_scope=c.method_config.prune_scope,
                       prune_model=model, evaluate_fn=evaluate_fn,
-                      eval_pruned=sparsity or None, prune_floor=c.layer_floor,
+                      eval_pruned=sparsity, prune_floor=c.layer_floor,
                       eval_sparsities=tuple(c.eval_sparsities),
                       initial=model.state_dict(), aggregator=c.aggregator, trim=c.trim,
                       screen_median=c.screen_median, screen_global=c.screen_global,

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from sparsefedpp.runtime.checkpoint import write_atomic
 from sparsefedpp.runtime.errors import ConfigError
-from sparsefedpp.trainer.client import METHODS
+from sparsefedpp.trainer.methods import METHODS, is_dense
 
 from .progress import say
 
@@ -59,13 +59,13 @@ def grid(methods: list[str], sparsities: list[float], seeds: list[int]) -> list[
                           f"{sparsities}")
     if not seeds or len(set(seeds)) != len(seeds):
         raise ConfigError(f"sweep seeds: expected distinct seeds, got {seeds}")
-    if any(m != "fedavg" for m in methods) and not sparsities:
+    if any(not is_dense(m) for m in methods) and not sparsities:
         raise ConfigError("sweep sparsities: expected at least one for the sparse "
                           "methods, got none")
     points = []
     for seed in seeds:
         for m in methods:
-            levels = [0.0] if m == "fedavg" else sorted(set(sparsities))
+            levels = [0.0] if is_dense(m) else sorted(set(sparsities))
             points.extend(Point(m, s, seed) for s in levels)
     return points
 

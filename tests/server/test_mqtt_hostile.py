@@ -352,12 +352,12 @@ def test_the_aggregators_client_id_is_its_username(tmp_path):
 
 
 # ---------------------------------------------------------- a broker-less device agent
-AGENT_LOGGER = "sparsefedpp.trainer.mqtt_client"
+AGENT_LOGGER = "sparsefedpp.trainer.device_agent"
 
 
 def make_agent(tmp_path: Path, n: int = 7):
     from sparsefedpp.trainer.data import Dataset
-    from sparsefedpp.trainer.mqtt_client import AgentConfig, DeviceAgent
+    from sparsefedpp.trainer.device_agent import AgentConfig, DeviceAgent
 
     data = Dataset(np.zeros((n, 3, 4, 4), np.uint8), np.zeros(n, np.int64),
                    ("a", "b"), (0.5,) * 3, (0.25,) * 3, "tiny")
@@ -437,7 +437,7 @@ def test_no_message_stops_the_agent(tmp_path, caplog, monkeypatch):
 
 
 def test_the_agents_client_id_is_its_device_id(tmp_path, monkeypatch):
-    from sparsefedpp.trainer import mqtt_client
+    from sparsefedpp.trainer import device_agent
 
     class Built(Exception):
         pass
@@ -445,7 +445,7 @@ def test_the_agents_client_id_is_its_device_id(tmp_path, monkeypatch):
     def capture(settings, client_id, subscriptions, log, **kwargs):
         raise Built(client_id)
 
-    monkeypatch.setattr(mqtt_client, "QueuedClient", capture)
+    monkeypatch.setattr(device_agent, "QueuedClient", capture)
     with pytest.raises(Built, match="^dev1$"):
         make_agent(tmp_path).run()
 

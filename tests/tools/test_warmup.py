@@ -13,7 +13,8 @@ import pytest
 ROUND = """
 import json, numpy as np
 from sparsefedpp.runtime import models
-from sparsefedpp.trainer.client import LocalConfig, MethodConfig, local_round
+from sparsefedpp.trainer.local_round import LocalConfig, local_round
+from sparsefedpp.trainer.methods import MethodConfig
 from sparsefedpp.trainer.data import Dataset
 from sparsefedpp.tools.kernel_cache import report
 rng = np.random.default_rng(0)

@@ -16,7 +16,6 @@ from sparsefedpp.trainer import data as D
 from sparsefedpp.trainer.data.idx import _IDX_FILES as IDX_FILES
 
 
-
 # ------------------------------------------------------------------- helpers
 def write_cifar(folder: Path, rows: int = 4, seed: int = 0, protocol: int = 4,
                 meta: bool = True) -> dict[str, tuple[np.ndarray, list[int]]]:

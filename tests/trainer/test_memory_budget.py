@@ -56,7 +56,8 @@ def test_no_room_at_all_is_refused_with_the_figures():
 
 PROBE = """
 import json, numpy as np
-from sparsefedpp.trainer.client import LocalConfig, MethodConfig, local_round
+from sparsefedpp.trainer.local_round import LocalConfig, local_round
+from sparsefedpp.trainer.methods import MethodConfig
 from sparsefedpp.trainer.data import Dataset
 from sparsefedpp.trainer.memory_budget import current_rss, plan_batch_size
 from sparsefedpp.runtime import models

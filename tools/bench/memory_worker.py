@@ -3,7 +3,7 @@
 ``python -m sparsefedpp.tools.bench.memory_worker --framework ours|torch --data
 SHARD.npz --model resnet18 --batch-size B [--sparsity S]`` trains one local round
 on a device's shard the way a device does: ours through
-``trainer.client.local_round`` (the device agent's and simulate's code path) on a
+``trainer.local_round.local_round`` (the device agent's and simulate's code path) on a
 model whose weights are already pruned to S (a client receives the sparse global
 model: with ``--global-model FILE``, the encoded model message the parent wrote,
 decoded and loaded into a model built without random initialisation, as the
@@ -26,11 +26,13 @@ import json
 import sys
 import time
 
-from sparsefedpp.tools.bench.worker import proc_status_mb  # standard library only at its top
+from sparsefedpp.tools.bench.worker import (
+    proc_status_mb,  # standard library only at its top
+)
 
 PHASES = ("interpreter", "numpy", "framework", "kernels", "data", "weights",
           "first_step", "round")
-#: local SGD of a round (trainer.client.LocalConfig's reference, batch from the flag)
+#: local SGD of a round (trainer.local_round.LocalConfig's reference, batch from the flag)
 LR, WEIGHT_DECAY = 0.05, 1e-3
 
 
@@ -65,8 +67,9 @@ def ours(args, phases: dict, out: dict) -> None:
     phases["framework"] = rss_mb()
     from sparsefedpp.runtime import accounting, models, pruning
     from sparsefedpp.tools.kernel_cache import process_age, report
-    from sparsefedpp.trainer.client import LocalConfig, MethodConfig, local_round
     from sparsefedpp.trainer.data import load_npz
+    from sparsefedpp.trainer.local_round import LocalConfig, local_round
+    from sparsefedpp.trainer.methods import MethodConfig
     phases["kernels"] = rss_mb()
     import numpy as np
 
@@ -75,7 +78,7 @@ def ours(args, phases: dict, out: dict) -> None:
     spec = dict(num_classes=len(data.classes), width=args.width,
                 in_channels=data.images.shape[1], alpha=1.25)
     if args.global_model:
-        # the device agent's path (trainer/mqtt_client.py): no random init, the
+        # the device agent's path (trainer/device_agent.py): no random init, the
         # weights come from the decoded global model
         from sparsefedpp.runtime.wire import codec
 
@@ -121,7 +124,6 @@ def torch_side(args, phases: dict, out: dict) -> None:
     phases["framework"] = rss_mb()
     phases["kernels"] = phases["framework"]
     import numpy as np
-
     from sparsefedpp.tools.bench import torch_models as bench_torch
 
     with np.load(args.data) as f:

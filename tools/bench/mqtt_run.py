@@ -147,11 +147,17 @@ def _read_events(path: Path) -> list[dict]:
 
 
 def run_bench(cfg: MqttBenchConfig, workdir: str | os.PathLike,
-              say: Callable[[str], None] = lambda _m: None) -> dict:
+              say: Callable[[str], None] = lambda _m: None, *,
+              place_devices: Callable[[list[str], int], object] | None = None) -> dict:
     """Run the benchmark in ``workdir`` (shards, logs, state) and return its result.
 
-    Raises ConfigError without mosquitto, BenchFailed when the aggregator fails or
-    the run exceeds ``cfg.timeout``; every started process is killed either way.
+    ``place_devices(devices, broker_port)``, when given, returns an object whose
+    ``route(device)`` gives that device's command prefix and broker URL (e.g.
+    inside a network namespace behind a thin link, tools/bench/link.py), whose
+    ``counters()`` go into the result as ``"link"`` and whose ``close()`` runs at
+    the end. Raises ConfigError without mosquitto, BenchFailed when the
+    aggregator fails or the run exceeds ``cfg.timeout``; every started process is
+    killed either way.
     """
     from .. import cli
 
@@ -186,6 +192,7 @@ def run_bench(cfg: MqttBenchConfig, workdir: str | os.PathLike,
     sampler: Sampler | None = None
     monitor: Monitor | None = None
     procs: list[subprocess.Popen] = []
+    placed = None
     try:
         sampler = Sampler()
         broker_started = time.time()
@@ -199,21 +206,27 @@ def run_bench(cfg: MqttBenchConfig, workdir: str | os.PathLike,
         device_env = dict(env, NUMBA_NUM_THREADS="1")
         t0 = time.time()
 
-        def spawn(name: str, args: list[str], env: dict) -> ProcRecord:
+        def spawn(name: str, args: list[str], env: dict,
+                  prefix: list[str] = ()) -> ProcRecord:
             log = work / f"{name}.log"
-            with open(log, "wb") as f:
-                proc = subprocess.Popen([*cmd, *args], stdout=f, stderr=f, env=env,
-                                        stdin=subprocess.DEVNULL)
+            with open(log, "wb") as f:  # ip netns exec execs: the pid stays the CLI's
+                proc = subprocess.Popen([*prefix, *cmd, *args], stdout=f, stderr=f,
+                                        env=env, stdin=subprocess.DEVNULL)
             procs.append(proc)
             return sampler.add(name, proc, log, time.time())
 
+        if place_devices is not None:
+            placed = place_devices(devices, broker.port)
+        routes = {d: placed.route(d) if placed is not None else ([], broker.url)
+                  for d in devices}
         server = spawn("aggregator", ["serve", "--broker", broker.url, "--config",
                                       str(config_path), "--reconnect-max", "2"], env)
         device_recs = [
-            spawn(f"device-{d}", ["client", "--broker", broker.url, "--id", d, "--data",
-                                  str(shard_dir / f"client-{d}.npz"), "--state",
-                                  str(work / f"state-{d}"), "--exit-when-finished",
-                                  "--reconnect-max", "2"], device_env)
+            spawn(f"device-{d}", ["client", "--broker", routes[d][1], "--id", d,
+                                  "--data", str(shard_dir / f"client-{d}.npz"),
+                                  "--state", str(work / f"state-{d}"),
+                                  "--exit-when-finished", "--reconnect-max", "2"],
+                  device_env, routes[d][0])
             for d in devices]
 
         metrics_path = state_dir / "metrics.jsonl"
@@ -242,6 +255,8 @@ def run_bench(cfg: MqttBenchConfig, workdir: str | os.PathLike,
         result["wall_s"] = time.perf_counter() - wall_start
         result["workdir"] = str(work)
         result["pids"] = {name: r.proc.pid for name, r in sampler.records.items()}
+        if placed is not None:
+            result["link"] = placed.counters()
         return result
     finally:
         if monitor is not None:
@@ -260,6 +275,8 @@ def run_bench(cfg: MqttBenchConfig, workdir: str | os.PathLike,
             except (subprocess.TimeoutExpired, ChildProcessError):
                 pass
         broker.stop()
+        if placed is not None:
+            placed.close()
 
 
 def _watch(cfg: MqttBenchConfig, t0: float, monitor: Monitor, server: ProcRecord,

@@ -29,9 +29,10 @@ from sparsefedpp.runtime.errors import CodecError, ConfigError, SparseFedError
 from sparsefedpp.runtime.wire import codec, protocol
 from sparsefedpp.runtime.wire.broker import CONNECTED, BrokerSettings, QueuedClient
 
-from .client import LocalConfig, MethodConfig, local_round
 from .data import Dataset
+from .local_round import LocalConfig, local_round
 from .memory_budget import plan_batch_size
+from .methods import MethodConfig
 
 logger = logging.getLogger(__name__)
 

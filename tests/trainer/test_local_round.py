@@ -7,12 +7,8 @@ import pytest
 from sparsefedpp.runtime import models, pruning
 from sparsefedpp.runtime.errors import ConfigError
 from sparsefedpp.trainer import data as D
-from sparsefedpp.trainer.client import (
-    LocalConfig,
-    MethodConfig,
-    default_alpha,
-    local_round,
-)
+from sparsefedpp.trainer.local_round import LocalConfig, local_round
+from sparsefedpp.trainer.methods import MethodConfig, default_alpha
 
 
 @pytest.fixture(scope="module")
