@@ -18,7 +18,15 @@ from . import powerprop, static_pattern
 from .accounting import LayerCost, nbytes_of
 from .arrays import Where, as_f32, check_ndim
 from .errors import ConfigError, ShapeError, StateError
-from .kernels import activation, conv, csr
+from .kernels import (
+    conv,
+    csr_build,
+    csr_conv,
+    csr_linear,
+    density,
+    geometry,
+    sparse_grad,
+)
 from .sparse_activation import ActivationSparsifier, SparseActivations
 from .static_pattern import DENSE, ZERO, StaticPattern
 
@@ -118,7 +126,7 @@ class _Weighted(Layer):
     * ``weight_keep``: SWAT's forward weight sparsity (ZeroFL): the forward and
       grad_input use only this top fraction of |w|; the weight gradient stays dense.
     * ``kernel``: "auto" runs the CSR kernels when the weight density is below the
-      measured crossover (kernels/csr.py, ``prefer_csr``), "dense"/"csr" force one.
+      measured crossover (kernels/density.py, ``prefer_csr``), "dense"/"csr" force one.
 
     Static pattern (runtime/static_pattern.py): with alpha > 1, no ``weight_keep``
     and ``kernel`` "csr" (or "auto" below static_pattern.MAX_DENSITY), the first
@@ -230,7 +238,7 @@ class _Weighted(Layer):
         pat = self.static_pattern
         v = self.weight
         if pat is None:
-            counts = csr.weight_row_nnz(v)
+            counts = csr_build.weight_row_nnz(v)
             if not (self.kernel == "csr"
                     or int(counts.sum()) < static_pattern.MAX_DENSITY * v.size):
                 return None, counts
@@ -240,7 +248,7 @@ class _Weighted(Layer):
             self._pattern, self._pattern_v = pat, v
         static_pattern.register(self)  # every time: cheap, and right after a deepcopy
         data, dw_dv = pat.values(v)
-        if self.kernel == "csr" or csr.prefer_csr(pat.nnz / pat.size, self._kind):
+        if self.kernel == "csr" or density.prefer_csr(pat.nnz / pat.size, self._kind):
             return (None, dw_dv, _CSR(data, pat.indices, pat.indptr), pat), None
         w = np.zeros(v.shape, dtype=np.float32)  # e.g. Linear: dense forward
         w.reshape(-1)[pat.flat] = data
@@ -266,7 +274,7 @@ class _Weighted(Layer):
             self.grad_bias.fill(0.0)
         self._grad_support = ZERO
 
-    def _frozen_plan(self, x: np.ndarray, m) -> csr.ConvForwardPlan:
+    def _frozen_plan(self, x: np.ndarray, m) -> csr_conv.ConvForwardPlan:
         """The CSR forward plan of the frozen weight for x's shape, built once (a
         Linear runs as a 1x1 conv of 1x1 images: x (N, I, 1, 1))."""
         plan = self._frozen_plans.get(x.shape)
@@ -274,7 +282,7 @@ class _Weighted(Layer):
             if len(self._frozen_plans) >= 8:  # many shapes seen: keep the latest
                 self._frozen_plans.clear()
             kshape = self.weight.shape + (1,) * (4 - self.weight.ndim)
-            plan = self._frozen_plans[x.shape] = csr.plan_conv2d_forward(
+            plan = self._frozen_plans[x.shape] = csr_conv.plan_conv2d_forward(
                 m.data, m.indices, m.indptr, kshape, x.shape,
                 getattr(self, "stride", 1), getattr(self, "padding", 0))
         return plan
@@ -325,7 +333,7 @@ class _Weighted(Layer):
         """(w or None, dw/dv or None, CSR of w or None, static pattern or None) for
         this forward pass.
 
-        On the CSR path the CSR is built straight from v (kernels/csr.py,
+        On the CSR path the CSR is built straight from v (kernels/csr_build.py,
         ``csr_of_weight``) and the dense w is formed only when a backward needs
         dw/dv; inference of a sparse model never touches the dense weights. A
         training forward with a static pattern takes only the values from v, and
@@ -357,17 +365,18 @@ class _Weighted(Layer):
                 mask[np.argpartition(mag, mag.size - k)[mag.size - k:]] = 1.0
                 w = w * mask.reshape(w.shape)
             use_csr = self.kernel == "csr" or (
-                self.kernel == "auto" and csr.prefer_csr(k / mag.size, self._kind))
-            return w, dw_dv, (_CSR(*csr.csr_of_weight(w)) if use_csr else None), None
+                self.kernel == "auto" and density.prefer_csr(k / mag.size, self._kind))
+            m = _CSR(*csr_build.csr_of_weight(w)) if use_csr else None
+            return w, dw_dv, m, None
         use_csr = self.kernel == "csr"
         if self.kernel == "auto":
             if counts is None:
-                counts = csr.weight_row_nnz(v)
-            use_csr = csr.prefer_csr(int(counts.sum()) / v.size, self._kind)
+                counts = csr_build.weight_row_nnz(v)
+            use_csr = density.prefer_csr(int(counts.sum()) / v.size, self._kind)
         if not use_csr:
             w, dw_dv = powerprop.effective_weight(v, self.alpha)
             return w, dw_dv, None, None
-        m = _CSR(*csr.csr_of_weight(v, self.alpha, counts))
+        m = _CSR(*csr_build.csr_of_weight(v, self.alpha, counts))
         w = dw_dv = None
         if backward and self.alpha != 1.0:
             dw_dv = powerprop.effective_weight(v, self.alpha)[1]
@@ -392,16 +401,16 @@ class _Weighted(Layer):
         elif y.ndim == 4 and pat is not None:  # counted once per input shape
             macs = pat.macs.get(x.shape)
             if macs is None:
-                macs = pat.macs[x.shape] = csr.csr_conv2d_macs(
+                macs = pat.macs[x.shape] = csr_conv.csr_conv2d_macs(
                     m.indices, m.indptr, self.weight.shape, x.shape, self.stride,
                     self.padding, x.shape[0])
             self.cost.macs_forward = macs
-        elif y.ndim == 4:  # the valid taps of the nonzeros (kernels/csr.py)
+        elif y.ndim == 4:  # the valid taps of the nonzeros (kernels/csr_conv.py)
             frozen = self._frozen is not None
             if not (frozen and self._frozen_macs[0] == x.shape):
-                macs = csr.csr_conv2d_macs(m.indices, m.indptr, self.weight.shape,
-                                           x.shape, self.stride, self.padding,
-                                           x.shape[0])
+                macs = csr_conv.csr_conv2d_macs(m.indices, m.indptr, self.weight.shape,
+                                                x.shape, self.stride, self.padding,
+                                                x.shape[0])
                 self._frozen_macs = (x.shape if frozen else None, macs)
             self.cost.macs_forward = self._frozen_macs[1]
         else:
@@ -467,8 +476,8 @@ class Conv2d(_Weighted):
             y = self._frozen_plan(x, m).run(np.require(x, requirements=["W"]), bias,
                                             self._fused_relu)
         else:
-            y = csr.csr_conv2d_forward(x, m.data, m.indices, m.indptr,
-                                       self.weight.shape, s, p, bias)
+            y = csr_conv.csr_conv2d_forward(x, m.data, m.indices, m.indptr,
+                                            self.weight.shape, s, p, bias)
         self._record_forward(x, y, w, dw_dv, m, self._keep_input(x, train, grad), pat)
         return y
 
@@ -480,7 +489,7 @@ class Conv2d(_Weighted):
         g = as_f32(grad_out, Where(self, "backward"))
         n, _, h, wd = shape
         k, p, s = self.kernel_size, self.padding, self.stride
-        oh, ow = conv.out_size(h, k, s, p), conv.out_size(wd, k, s, p)
+        oh, ow = geometry.out_size(h, k, s, p), geometry.out_size(wd, k, s, p)
         if g.shape != (n, self.out_channels, oh, ow):
             raise ShapeError(f"{self!r}.backward: expected grad_out of shape "
                              f"{(n, self.out_channels, oh, ow)}, got {tuple(g.shape)}")
@@ -492,9 +501,9 @@ class Conv2d(_Weighted):
             grad_vals, cost.macs_grad_weight = static_pattern.conv_grad(pat, act, g,
                                                                         s, p)
             self._accumulate_pattern_grad(grad_vals, dw_dv, pat)
-        elif isinstance(act, SparseActivations) and activation.prefer_sparse_grad(
+        elif isinstance(act, SparseActivations) and density.prefer_sparse_grad(
                 act.kept / max(act.size, 1), k):
-            grad_w, cost.macs_grad_weight = activation.conv2d_grad_weight_sparse_count(
+            grad_w, cost.macs_grad_weight = sparse_grad.conv2d_grad_weight_sparse_count(
                 act.indices(), act.values, shape, g, kshape, s, p)
             self._accumulate_weight_grad(grad_w, dw_dv)
         else:
@@ -512,8 +521,8 @@ class Conv2d(_Weighted):
             cost.macs_grad_input = dense_macs
             return conv.conv2d_grad_input(g, w, shape, s, p)
         cost.macs_grad_input = cost.macs_forward  # the same valid taps, transposed
-        return csr.csr_conv2d_grad_input(g, m.data, m.indices, m.indptr, kshape, shape,
-                                         s, p)
+        return csr_conv.csr_conv2d_grad_input(g, m.data, m.indices, m.indptr, kshape,
+                                              shape, s, p)
 
     def __repr__(self):
         extra = "" if self.alpha == 1.0 else f", alpha={self.alpha}"
@@ -555,7 +564,8 @@ class Linear(_Weighted):
             x4 = np.require(x, requirements=["W"]).reshape(x.shape + (1, 1))
             y = self._frozen_plan(x4, m).run(x4, bias).reshape(x.shape[0], -1)
         else:
-            y = csr.csr_linear_forward(x, m.data, m.indices, m.indptr, self.out_features)
+            y = csr_linear.csr_linear_forward(x, m.data, m.indices, m.indptr,
+                                              self.out_features)
             if bias is not None:
                 y += bias
         self._record_forward(x, y, w, dw_dv, m, self._keep_input(x, train, grad), pat)
@@ -575,7 +585,8 @@ class Linear(_Weighted):
             self._accumulate_pattern_grad(grad_vals, dw_dv, pat)
         elif isinstance(act, SparseActivations):
             idx = act.indices()
-            grad_w = activation.linear_grad_weight_sparse(idx, act.values, act.shape, g)
+            grad_w = sparse_grad.linear_grad_weight_sparse(idx, act.values, act.shape,
+                                                           g)
             cost.macs_grad_weight = int(idx.size) * self.out_features
             self._accumulate_weight_grad(grad_w, dw_dv)
         else:
@@ -588,7 +599,8 @@ class Linear(_Weighted):
             cost.macs_grad_input = dense_macs
             return g @ w
         cost.macs_grad_input = g.shape[0] * m.nnz
-        return csr.csr_linear_grad_input(g, m.data, m.indices, m.indptr, self.in_features)
+        return csr_linear.csr_linear_grad_input(g, m.data, m.indices, m.indptr,
+                                                self.in_features)
 
     def __repr__(self):
         extra = "" if self.alpha == 1.0 else f", alpha={self.alpha}"

@@ -6,7 +6,7 @@ the 2-D O x (C*kh*kw) matrix, column ``c*kh*kw + i*kw + j``; a linear weight
 int32 column indices (nnz,), sorted and unique within each row, ``indptr`` int64
 (rows + 1,) with ``indptr[0] == 0`` and ``indptr[-1] == nnz``. Only exact zeros
 are dropped (``-0.0`` too, which comes back as ``+0.0``); NaN and inf are kept.
-The kernels that use this layout are in ``kernels/csr.py``; they also accept int32
+The kernels that use this layout are ``kernels/csr_*.py``; they also accept int32
 ``indptr`` (STYLE.md's wire choice) and convert it, O(rows).
 """
 

@@ -2,7 +2,8 @@
 
 A layer that uses sparse activations saves ``ActivationSparsifier(keep)(x)``
 instead of x; its backward computes grad_weight from the kept elements with
-``kernels/activation.py``. See DESIGN.md, "Sparse-activation backward (SWAT)".
+``kernels/sparse_grad.py`` (the compression kernels: ``kernels/topk.py``). See
+DESIGN.md, "Sparse-activation backward (SWAT)".
 
 Which elements are kept
 -----------------------
@@ -19,7 +20,7 @@ uses the limit on its refresh calls only, so those keep exactly k; the calls tha
 reuse the threshold keep whatever count the threshold gives on that batch.
 
 Measured (2-core EPYC shared with a training run, so NUMBA_NUM_THREADS=1; x
-(32, 16, 32, 32) after ReLU, 2 MiB; tools/bench_sparse_grad.py): compress is a
+(32, 16, 32, 32) after ReLU, 2 MiB; tools/bench/sparse_grad.py): compress is a
 count pass (0.25 ms) plus a write pass into exactly-sized arrays: 0.6 ms in all
 at keep 0.001, 0.9 ms at 0.01, 1.35-1.6 ms at 0.05-1.0 (the forward of that
 layer: 2.5 ms). ``topk_threshold`` (a radix select, three histogram passes):
@@ -27,7 +28,7 @@ layer: 2.5 ms). ``topk_threshold`` (a radix select, three histogram passes):
 at k = size/4 or size/2. With 2 threads on the loaded machine every parallel
 call waited a scheduler quantum (about 12 ms), so no 2-thread figure is given.
 ``ActivationSparsifier`` calls that reuse the threshold at a low keep (under 1/48
-kept last time) take ``kernels.activation.compress_one_pass`` instead: one read
+kept last time) take ``kernels.topk.compress_one_pass`` instead: one read
 of x, the same result (ResNet-18's four block shapes, one thread: 0.75x the
 count + write passes at keep 0.001, 0.72x at 0.01).
 """
@@ -40,7 +41,7 @@ import numba as nb
 import numpy as np
 
 from .errors import ConfigError, DTypeError, ShapeError
-from .kernels import activation as kern
+from .kernels import topk as kern
 
 _ENCODINGS = ("auto", "indices", "bitmap")
 
@@ -208,7 +209,7 @@ def topk_threshold(x: np.ndarray, keep_fraction: float) -> float:
     keep_fraction == 1, or when k exceeds the nonzeros, t = 0 (every nonzero is
     kept; zeros never are). NaN counts as larger than any number; if the k-th
     largest is NaN, t = inf. keep_fraction must be in (0, 1] (ConfigError).
-    Wraps the radix select ``kernels.activation.topk_abs_threshold``.
+    Wraps the radix select ``kernels.topk.topk_abs_threshold``.
     """
     kf = _check_keep_fraction(keep_fraction)
     flat = _flat_f32(x, "topk_threshold").reshape(-1)
@@ -286,7 +287,7 @@ class ActivationSparsifier:
     def _compress_one_pass(self, arr: np.ndarray) -> SparseActivations | None:
         # A reused threshold keeps about as many as last time on a like-sized x:
         # when that is few enough for the indices encoding, collect them in one
-        # pass (kernels.activation.compress_one_pass); None: use compress
+        # pass (kernels.topk.compress_one_pass); None: use compress
         last, size = self._last_kept
         if size != arr.size or 48 * last >= size:
             return None

@@ -30,14 +30,14 @@ import weakref
 
 import numpy as np
 
-from .kernels import activation, conv, csr, sddmm
+from .kernels import conv, csr_build, sddmm, sparse_grad
 
 #: entries of a layer's weight gradient: "zero" (all zeros), "dense" (anywhere),
 #: or a StaticPattern (zero outside it)
 ZERO, DENSE = "zero", "dense"
 
 #: a layer builds a pattern at weight densities below this (both kinds; conv
-#: layers run the CSR forward there too, kernels/csr.py ``prefer_csr``)
+#: layers run the CSR forward there too, kernels/density.py ``prefer_csr``)
 MAX_DENSITY = 0.5
 
 
@@ -77,8 +77,8 @@ class StaticPattern:
 
 
 def build(v: np.ndarray, counts: np.ndarray, kernel: str, alpha: float):
-    """The pattern of v's nonzeros (``counts``: csr.weight_row_nnz of v)."""
-    _, indices, indptr = csr.csr_of_weight(v, 1.0, counts)
+    """The pattern of v's nonzeros (``counts``: csr_build.weight_row_nnz of v)."""
+    _, indices, indptr = csr_build.csr_of_weight(v, 1.0, counts)
     return StaticPattern(indices, indptr, v.shape, kernel, alpha)
 
 
@@ -119,7 +119,7 @@ def owner_of(param: np.ndarray):
 #: ns per multiply-add (or per element) of each way to the gradient at the pattern,
 #: single thread, ResNet-18 shapes, batch 32 (measured under load: ratios, not
 #: absolute speed): the kept-element pattern kernel and its regrouping by channel;
-#: activation.conv2d_grad_weight_sparse (every weight) and its dense output passes;
+#: sparse_grad.conv2d_grad_weight_sparse (every weight) and its dense output passes;
 #: the dense conv.conv2d_grad_weight and the decompression before it
 NS_KEPT, NS_KEPT_PREP = 15.0, 25.0
 NS_SPARSE, NS_SPARSE_OUT = 0.5, 1.5
@@ -154,7 +154,7 @@ def conv_grad(pattern: StaticPattern, act, g: np.ndarray, stride: int, pad: int)
                                             pattern.indptr, pattern.indices, kshape,
                                             stride, pad)
     if way == "sparse":
-        grad_w, macs = activation.conv2d_grad_weight_sparse_count(
+        grad_w, macs = sparse_grad.conv2d_grad_weight_sparse_count(
             act.indices(), act.values, act.shape, g, kshape, stride, pad)
     else:
         grad_w, macs = conv.conv2d_grad_weight(act.to_dense(), g, kshape, stride,

@@ -10,9 +10,8 @@ so a device whose cache is warm never compiles inside a round.
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from dataclasses import dataclass
-
-KERNEL_MODULES = ("conv", "csr", "activation", "norm", "pool", "sddmm")
 
 
 @dataclass(frozen=True)
@@ -25,16 +24,25 @@ class CacheReport:
     pending: int = 0      # signatures not loaded yet (kernels this process never ran)
 
 
+def kernel_modules() -> list[str]:
+    """The names of every module of runtime/kernels (the package is the list)."""
+    from sparsefedpp.runtime import kernels
+
+    return sorted(m.name for m in pkgutil.iter_modules(kernels.__path__))
+
+
 def dispatchers() -> list:
-    """Every Numba dispatcher of runtime/kernels (imports the modules; loads no
-    signature)."""
+    """Every Numba dispatcher of runtime/kernels, once each (imports the modules;
+    loads no signature)."""
     from numba.core.registry import CPUDispatcher
 
-    found = []
-    for name in KERNEL_MODULES:
+    found = {}
+    for name in kernel_modules():
         module = importlib.import_module(f"sparsefedpp.runtime.kernels.{name}")
-        found += [v for v in vars(module).values() if isinstance(v, CPUDispatcher)]
-    return found
+        for v in vars(module).values():
+            if isinstance(v, CPUDispatcher):
+                found.setdefault(id(v), v)  # a kernel imported by another module
+    return list(found.values())
 
 
 def _declared(d) -> int:

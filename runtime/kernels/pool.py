@@ -1,9 +1,9 @@
 """Max-pooling kernels: forward keeps the argmax of each window for the backward."""
 
-import numba as nb
 import numpy as np
 
 from .config import JIT, kernel
+from .geometry import out_size
 
 
 @kernel("void(f4[:, :, :, ::1], f4[:, :, :, ::1], i4[:, :, :, ::1], i8, i8, i8)",
@@ -56,8 +56,7 @@ def maxpool2d_forward(x: np.ndarray, k: int, stride: int, pad: int):
     ``ih*W + iw`` of each window's maximum inside its (H, W) plane.
     """
     n, c, h, w = x.shape
-    oh = (h + 2 * pad - k) // stride + 1
-    ow = (w + 2 * pad - k) // stride + 1
+    oh, ow = out_size(h, k, stride, pad), out_size(w, k, stride, pad)
     y = np.empty((n, c, oh, ow), dtype=np.float32)
     argmax = np.empty((n, c, oh, ow), dtype=np.int32)
     _maxpool_forward(x, y, argmax, k, stride, pad)

@@ -4,7 +4,7 @@ With Powerprop (alpha > 1) a weight that is exactly zero gets exactly zero
 gradient, so during local training a layer needs dL/dw only at its nonzeros.
 These kernels compute it there, for a pattern given as CSR arrays (SciPy names,
 ``indptr`` i8, ``indices`` i4; a conv weight (O, C, kh, kw) is the O x (C*kh*kw)
-matrix with column ``c*kh*kw + i*kw + j``, as kernels/csr.py):
+matrix with column ``c*kh*kw + i*kw + j``, as csr_gather.py):
 
     gw[e] = sum over n, oh, ow of g[n, o, oh, ow] * x[n, c, oh*s - p + i, ow*s - p + j]
 
@@ -33,6 +33,7 @@ import numpy as np
 
 from ..errors import ShapeError
 from .config import FASTMATH, JIT, JIT_PARALLEL_FASTMATH, kernel
+from .geometry import out_size
 
 JIT_FASTMATH = {**JIT, "fastmath": FASTMATH}
 
@@ -123,8 +124,7 @@ def conv_grad_pattern_dense(x: np.ndarray, grad_out: np.ndarray, indptr: np.ndar
     """
     o, c, kh, kw = kshape
     n, _, h, w = x.shape
-    oh = (h + 2 * pad - kh) // stride + 1
-    ow = (w + 2 * pad - kw) // stride + 1
+    oh, ow = out_size(h, kh, stride, pad), out_size(w, kw, stride, pad)
     if x.shape[1] != c or grad_out.shape != (n, o, oh, ow):
         raise ShapeError(f"conv_grad_pattern_dense: expected x (N, {c}, H, W) and "
                          f"grad_out {(n, o, oh, ow)}, got {x.shape} and "
@@ -217,8 +217,7 @@ def conv_grad_pattern_kept(kept: np.ndarray, values: np.ndarray, x_shape: tuple,
     """
     n, c, h, w = x_shape
     o, _, kh, kw = kshape
-    oh = (h + 2 * pad - kh) // stride + 1
-    ow = (w + 2 * pad - kw) // stride + 1
+    oh, ow = out_size(h, kh, stride, pad), out_size(w, kw, stride, pad)
     if grad_out.shape != (n, o, oh, ow):
         raise ShapeError(f"conv_grad_pattern_kept: expected grad_out of shape "
                          f"{(n, o, oh, ow)}, got {grad_out.shape}")

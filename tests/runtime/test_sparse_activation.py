@@ -1,11 +1,6 @@
-"""Sparse activations (runtime/sparse_activation.py) and the sparse weight-gradient
-kernels (runtime/kernels/activation.py) against plain NumPy.
-
-The gradient kernels are compared with the dense kernels on the masked tensor and
-with a float64 reference, elementwise within ``TOL * (the same sum over |terms|) +
-ATOL`` (a float32 sum of K products is within about K * 2^-24 * sum|terms| of the
-exact value; a bare rtol would fail on cancellation).
-"""
+"""Sparse activations (runtime/sparse_activation.py) against plain NumPy; their
+kernels are tested in tests/runtime/kernels/ (test_topk_kernels.py,
+test_sparse_grad_kernels.py)."""
 
 from __future__ import annotations
 
@@ -17,17 +12,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from sparsefedpp.runtime.errors import ConfigError, DTypeError, ShapeError
-from sparsefedpp.runtime.kernels import activation as kern
-from sparsefedpp.runtime.kernels import conv
+from sparsefedpp.runtime.kernels import topk as kern
 from sparsefedpp.runtime.sparse_activation import (
     ActivationSparsifier,
     SparseActivations,
     compress,
     topk_threshold,
 )
-
-TOL = 1e-5
-ATOL = 1e-6
 
 
 def values(shape):
@@ -229,159 +220,6 @@ def test_sparsifier_reset_and_keep_fraction_force_refresh():
     assert sparsifier.keep_fraction == 0.5 and sparsifier.calls == 4
 
 
-# ---------------------------------------------------------------- gradient kernels
-
-
-def sparse_case(draw_x, keep):
-    """(act, x_masked) of a float32 tensor at a keep fraction."""
-    act = compress(draw_x, topk_threshold(draw_x, keep))
-    return act, act.to_dense()
-
-
-def conv_gw64(x, g, kshape, s, p):
-    """float64 reference: dW[o, c, i, j] = sum x[n, c, oh*s-p+i, ow*s-p+j] g[n, o]."""
-    _, _, kh, kw = kshape
-    _, _, oh, ow = g.shape
-    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (p, p), (p, p)))
-    out = np.empty(kshape, dtype=np.float64)
-    for i in range(kh):
-        for j in range(kw):
-            win = xp[:, :, i:i + s * (oh - 1) + 1:s, j:j + s * (ow - 1) + 1:s]
-            out[:, :, i, j] = np.einsum("nchw,nohw->oc", win, g.astype(np.float64))
-    return out
-
-
-@st.composite
-def conv_cases(draw):
-    k = draw(st.sampled_from([1, 3]))
-    s = draw(st.sampled_from([1, 2]))
-    p = draw(st.sampled_from([0, 1]))
-    n, c, o = draw(st.integers(1, 3)), draw(st.integers(1, 4)), draw(st.integers(1, 5))
-    h = draw(st.integers(max(1, k - 2 * p), 9))
-    w = draw(st.integers(max(1, k - 2 * p), 9))
-    oh, ow = conv.out_size(h, k, s, p), conv.out_size(w, k, s, p)
-    x = draw(values((n, c, h, w)))
-    g = draw(values((n, o, oh, ow)))
-    keep = draw(st.sampled_from([1e-3, 0.05, 0.3, 1.0]))
-    return x, g, (o, c, k, k), s, p, keep
-
-
-def brute_force_taps(idx, x_shape, kshape, s, p):
-    """Kept (element, tap) pairs that land inside grad_out, counted directly."""
-    _, _, h, w = x_shape
-    _, _, kh, kw = kshape
-    oh, ow = conv.out_size(h, kh, s, p), conv.out_size(w, kw, s, p)
-    y = (idx // w) % h
-    x = idx % w
-    count = 0
-    for i in range(kh):
-        r = y + p - i
-        ok_r = (r % s == 0) & (r >= 0) & (r // s < oh)
-        for j in range(kw):
-            q = x + p - j
-            count += int(np.sum(ok_r & (q % s == 0) & (q >= 0) & (q // s < ow)))
-    return count
-
-
-@given(conv_cases())
-def test_conv2d_grad_weight_sparse_matches_dense(case):
-    # Arrange
-    x, g, kshape, s, p, keep = case
-    act, xm = sparse_case(x, keep)
-    # Act
-    grad_w, macs = kern.conv2d_grad_weight_sparse_count(
-        act.indices(), act.values, x.shape, g, kshape, s, p)
-    # Assert
-    dense = conv.conv2d_grad_weight(xm, g, kshape, s, p)
-    ref = conv_gw64(xm, g, kshape, s, p)
-    scale = conv_gw64(np.abs(xm), np.abs(g), kshape, s, p)
-    assert grad_w.dtype == np.float32 and grad_w.shape == kshape
-    assert np.all(np.abs(grad_w - ref) <= TOL * scale + ATOL)
-    assert np.all(np.abs(grad_w - dense) <= 2 * TOL * scale + ATOL)
-    taps = brute_force_taps(act.indices().astype(np.int64), x.shape, kshape, s, p)
-    assert macs == kshape[0] * taps
-    assert macs == kern.conv2d_grad_weight_sparse_macs(act.indices(), x.shape,
-                                                       g.shape, kshape, s, p)
-
-
-@pytest.mark.parametrize("keep", [1e-3, 0.02, 0.5, 1.0])
-def test_conv2d_grad_weight_sparse_both_loop_orders(keep):
-    # Arrange: large enough for several parts; small keep takes the in-place path
-    rng = np.random.default_rng(2)
-    x = np.maximum(rng.standard_normal((4, 8, 12, 12)), 0).astype(np.float32)
-    g = rng.standard_normal((4, 16, 6, 6)).astype(np.float32)
-    act, xm = sparse_case(x, keep)
-    # Act
-    grad_w = kern.conv2d_grad_weight_sparse(act.indices(), act.values, x.shape, g,
-                                            (16, 8, 3, 3), 2, 1)
-    # Assert
-    ref = conv_gw64(xm, g, (16, 8, 3, 3), 2, 1)
-    scale = conv_gw64(np.abs(xm), np.abs(g), (16, 8, 3, 3), 2, 1)
-    assert np.all(np.abs(grad_w - ref) <= TOL * scale + ATOL)
-
-
-def test_conv2d_grad_weight_sparse_empty():
-    g = np.ones((2, 3, 4, 4), dtype=np.float32)
-    idx = np.empty(0, dtype=np.int32)
-    vals = np.empty(0, dtype=np.float32)
-    grad_w = kern.conv2d_grad_weight_sparse(idx, vals, (2, 5, 4, 4), g, (3, 5, 3, 3),
-                                            1, 1)
-    np.testing.assert_array_equal(grad_w, np.zeros((3, 5, 3, 3), np.float32))
-
-
-def test_conv2d_grad_weight_sparse_bad_inputs():
-    g = np.ones((2, 3, 4, 4), dtype=np.float32)
-    idx = np.array([0, 200], dtype=np.int32)
-    vals = np.ones(2, dtype=np.float32)
-    with pytest.raises(ShapeError):  # index out of range
-        kern.conv2d_grad_weight_sparse(idx, vals, (2, 5, 4, 4), g, (3, 5, 3, 3), 1, 1)
-    with pytest.raises(ShapeError):  # grad_out shape
-        kern.conv2d_grad_weight_sparse(idx[:1], vals[:1], (2, 5, 4, 4), g,
-                                       (3, 5, 3, 3), 1, 0)
-    with pytest.raises(DTypeError):
-        kern.conv2d_grad_weight_sparse(idx.astype(np.int64), vals, (2, 5, 4, 4), g,
-                                       (3, 5, 3, 3), 1, 1)
-
-
-@given(st.integers(1, 6), st.integers(1, 50), st.integers(1, 7),
-       st.sampled_from([1e-3, 0.1, 0.5, 1.0]), st.data())
-def test_linear_grad_weight_sparse_matches_dense(n, n_in, n_out, keep, data):
-    # Arrange
-    x = data.draw(values((n, n_in)))
-    g = data.draw(values((n, n_out)))
-    act, xm = sparse_case(x, keep)
-    # Act
-    grad_w = kern.linear_grad_weight_sparse(act.indices(), act.values, x.shape, g)
-    # Assert
-    ref = g.astype(np.float64).T @ xm.astype(np.float64)
-    scale = np.abs(g.astype(np.float64)).T @ np.abs(xm.astype(np.float64))
-    assert grad_w.shape == (n_out, n_in) and grad_w.dtype == np.float32
-    assert np.all(np.abs(grad_w - ref) <= TOL * scale + ATOL)
-    assert np.all(np.abs(grad_w - g.T @ xm) <= 2 * TOL * scale + ATOL)
-    assert kern.linear_grad_weight_sparse_macs(act.indices(), n_out) == act.kept * n_out
-
-
-@pytest.mark.parametrize("parts", [2, 3, 7])
-def test_linear_grad_weight_sparse_many_parts(monkeypatch, parts):
-    # Arrange: the kept list cut into `parts` slices (one per thread in use), whatever
-    # the thread count of this machine; 7 does not divide the kept count evenly
-    rng = np.random.default_rng(3)
-    x = np.maximum(rng.standard_normal((64, 300)), 0).astype(np.float32)
-    g = rng.standard_normal((64, 10)).astype(np.float32)
-    act, xm = sparse_case(x, 0.6)
-    assert isinstance(act, SparseActivations) and act.kept % 7 != 0
-    asked = []
-    monkeypatch.setattr(kern, "_num_parts", lambda n_kept: asked.append(n_kept) or parts)
-
-    # Act
-    grad_w = kern.linear_grad_weight_sparse(act.indices(), act.values, x.shape, g)
-
-    # Assert: the kernel was cut into the parts, and their partial sums add up to
-    # the whole product (a lost or doubled slice would not)
-    assert asked == [act.kept]
-    np.testing.assert_allclose(grad_w, g.T @ xm, rtol=1e-4, atol=1e-4)
-
-
 def assert_same_compression(a: SparseActivations, b: SparseActivations):
     assert (a.shape, a.encoding, a.kept) == (b.shape, b.encoding, b.kept)
     np.testing.assert_array_equal(a.indices(), b.indices())
@@ -418,21 +256,3 @@ def test_sparsifier_reuse_calls_equal_compress(monkeypatch, keep):
                                               limit=None if i else got.kept))
     if keep <= 0.01:  # few enough kept for the one pass: taken, and given up at x3
         assert True in outcomes and False in outcomes
-
-
-def test_compress_one_pass_matches_the_two_pass_and_gives_up_past_its_share():
-    rng = np.random.default_rng(13)
-    x = rng.standard_normal(100_003).astype(np.float32)  # not a multiple of a chunk
-    x[5] = np.nan
-    t = float(np.float32(2.5))
-    x[11] = -t  # a tie
-    ref = compress(x, t, encoding="indices")
-    idx, vals = kern.compress_one_pass(x, t, ref.kept)
-    np.testing.assert_array_equal(idx, ref.indices())
-    np.testing.assert_array_equal(vals, ref.values)
-    ro = x.copy()
-    ro.flags.writeable = False
-    np.testing.assert_array_equal(kern.compress_one_pass(ro, t, ref.kept)[0], idx)
-    assert kern.compress_one_pass(x, 0.1, ref.kept) is None  # far more kept
-    empty = kern.compress_one_pass(np.zeros(10, np.float32), 0.0, 0)
-    assert empty[0].size == empty[1].size == 0

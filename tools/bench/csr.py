@@ -1,4 +1,5 @@
-"""Benchmark the CSR kernels (runtime/kernels/csr.py) against the dense ones.
+"""Benchmark the CSR kernels (runtime/kernels/csr_conv.py, csr_linear.py) against the
+dense ones.
 
 Usage:  NUMBA_NUM_THREADS=2 python tools/bench/csr.py [--set r8|r18|all]
             [--reps 5] [--batch 32] [--densities 1,0.5,0.2,0.1,0.05,0.01,0.001]
@@ -6,14 +7,16 @@ Usage:  NUMBA_NUM_THREADS=2 python tools/bench/csr.py [--set r8|r18|all]
 
 ``--low`` measures the low densities (0.05-0.001) where the conv kernels switch
 to their direct path; ``--path`` forces the conv path (default: the kernels'
-own choice, csr._use_direct).
+own choice, csr_direct.use_direct).
 
 For each layer shape and weight density (uniformly random mask), prints the
 medians (ms, after one warm-up call) of dense forward, dense grad_input (conv.py
 for conv, NumPy matmul for linear), CSR forward, CSR grad_input, and dense/CSR of
 forward + grad_input (> 1: CSR is faster). The last line of each shape is the
 crossover: the density at which the ratio crosses 1, interpolated in log(density)
-between measured points; a summary table of all shapes ends the output.
+between measured points; a summary table of all shapes ends the output. Before
+timing, every CSR call's output is checked against its NumPy twin
+(``runtime/kernels/reference.py``), so a fast but wrong kernel stops the run.
 """
 
 from __future__ import annotations
@@ -46,8 +49,9 @@ def _sparse_weight(shape, density, rng):
 
 
 def _conv_calls(shape, batch, rng, path="auto"):
-    """(dense fwd, dense grad_input, csr fwd maker, csr grad_input maker)."""
-    from sparsefedpp.runtime.kernels import conv, csr
+    """(dense fwd, dense grad_input, csr fwd maker, csr grad_input maker, weight
+    shape, reference maker)."""
+    from sparsefedpp.runtime.kernels import conv, csr_conv, reference
 
     c, h, o, k, s, p = shape
     oh = (h + 2 * p - k) // s + 1
@@ -57,19 +61,25 @@ def _conv_calls(shape, batch, rng, path="auto"):
     w = _sparse_weight(kshape, 1.0, rng)
 
     def fwd(m):
-        return lambda: csr._conv_forward(x, m.data, m.indices, m.indptr, kshape, s, p,
-                                         path)
+        return lambda: csr_conv._conv_forward(x, m.data, m.indices, m.indptr, kshape,
+                                              s, p, path)
 
     def gin(m):
-        return lambda: csr._conv_grad_input(g, m.data, m.indices, m.indptr, kshape,
-                                            x.shape, s, p, path)
+        return lambda: csr_conv._conv_grad_input(g, m.data, m.indices, m.indptr,
+                                                 kshape, x.shape, s, p, path)
+
+    def ref(m):
+        args = (m.data.astype(np.float64), m.indices, m.indptr, kshape)
+        return (reference.csr_conv2d_forward(x.astype(np.float64), *args, s, p),
+                reference.csr_conv2d_grad_input(g.astype(np.float64), *args, x.shape,
+                                                s, p))
 
     return (lambda: conv.conv2d_forward(x, w, s, p),
-            lambda: conv.conv2d_grad_input(g, w, x.shape, s, p), fwd, gin, kshape)
+            lambda: conv.conv2d_grad_input(g, w, x.shape, s, p), fwd, gin, kshape, ref)
 
 
 def _linear_calls(shape, batch, rng, path="auto"):
-    from sparsefedpp.runtime.kernels import csr
+    from sparsefedpp.runtime.kernels import csr_linear, reference
 
     k, o = shape
     x = rng.standard_normal((batch, k)).astype(np.float32)
@@ -77,12 +87,29 @@ def _linear_calls(shape, batch, rng, path="auto"):
     w = _sparse_weight((o, k), 1.0, rng)
 
     def fwd(m):
-        return lambda: csr.csr_linear_forward(x, m.data, m.indices, m.indptr, o)
+        return lambda: csr_linear.csr_linear_forward(x, m.data, m.indices, m.indptr, o)
 
     def gin(m):
-        return lambda: csr.csr_linear_grad_input(g, m.data, m.indices, m.indptr, k)
+        return lambda: csr_linear.csr_linear_grad_input(g, m.data, m.indices,
+                                                        m.indptr, k)
 
-    return lambda: x @ w.T, lambda: g @ w, fwd, gin, (o, k)
+    def ref(m):
+        args = (m.data.astype(np.float64), m.indices, m.indptr)
+        return (reference.csr_linear_forward(x.astype(np.float64), *args, o),
+                reference.csr_linear_grad_input(g.astype(np.float64), *args, k))
+
+    return lambda: x @ w.T, lambda: g @ w, fwd, gin, (o, k), ref
+
+
+def check_outputs(got: tuple, want: tuple, what: str) -> None:
+    """Raise AssertionError unless each float32 output is within 1e-4 of its float64
+    reference, relative to the reference's largest magnitude."""
+    for out, ref, name in zip(got, want, ("forward", "grad_input"), strict=True):
+        scale = max(float(np.abs(ref).max(initial=0.0)), 1.0)
+        err = float(np.abs(out - ref).max(initial=0.0))
+        if err > 1e-4 * scale:
+            raise AssertionError(f"{what}: CSR {name} is off its NumPy reference by "
+                                 f"{err:.3g} (scale {scale:.3g})")
 
 
 def _crossover(densities, ratios) -> str:
@@ -101,11 +128,12 @@ def bench_shape(shape, batch, reps, densities, rng, stat="median", path="auto"):
     from sparsefedpp.runtime.sparse import to_csr
 
     make = _conv_calls if len(shape) == 6 else _linear_calls
-    dense_f, dense_g, csr_f, csr_g, wshape = make(shape, batch, rng, path)
+    dense_f, dense_g, csr_f, csr_g, wshape, ref = make(shape, batch, rng, path)
     df, dg = time_ms(dense_f, reps, stat=STAT[stat]), time_ms(dense_g, reps, stat=STAT[stat])
     rows = []
     for d in densities:
         m = to_csr(_sparse_weight(wshape, d, rng))
+        check_outputs((csr_f(m)(), csr_g(m)()), ref(m), f"{shape} density {d:g}")
         cf, cg = time_ms(csr_f(m), reps, stat=STAT[stat]), time_ms(csr_g(m), reps, stat=STAT[stat])
         rows.append((d, m.nnz, cf, cg, (df + dg) / (cf + cg)))
     return df, dg, rows

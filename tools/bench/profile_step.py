@@ -34,7 +34,13 @@ from sparsefedpp.runtime import (
 from sparsefedpp.runtime import layers as layers_module
 from sparsefedpp.runtime import static_pattern
 from sparsefedpp.runtime.batchnorm import BatchNorm2d
-from sparsefedpp.runtime.kernels import activation, conv, csr
+from sparsefedpp.runtime.kernels import (
+    conv,
+    csr_build,
+    csr_conv,
+    csr_linear,
+    sparse_grad,
+)
 from sparsefedpp.runtime.sparse_activation import ActivationSparsifier, SparseActivations
 
 FUSED = "BatchNorm+ReLU(+residual add) fused"
@@ -42,24 +48,24 @@ FUSED = "BatchNorm+ReLU(+residual add) fused"
 #: and the fused BatchNorm paths the blocks call
 KERNELS = {
     (conv, "conv2d_forward"): "conv/linear forward kernel",
-    (csr, "csr_conv2d_forward"): "conv/linear forward kernel",
-    (csr, "csr_linear_forward"): "conv/linear forward kernel",
+    (csr_conv, "csr_conv2d_forward"): "conv/linear forward kernel",
+    (csr_linear, "csr_linear_forward"): "conv/linear forward kernel",
     (conv, "conv2d_grad_input"): "conv/linear grad input kernel",
-    (csr, "csr_conv2d_grad_input"): "conv/linear grad input kernel",
-    (csr, "csr_linear_grad_input"): "conv/linear grad input kernel",
+    (csr_conv, "csr_conv2d_grad_input"): "conv/linear grad input kernel",
+    (csr_linear, "csr_linear_grad_input"): "conv/linear grad input kernel",
     (conv, "conv2d_grad_weight"): "conv/linear grad weight kernel",
-    (activation, "conv2d_grad_weight_sparse_count"): "conv/linear grad weight kernel",
-    (activation, "linear_grad_weight_sparse"): "conv/linear grad weight kernel",
+    (sparse_grad, "conv2d_grad_weight_sparse_count"): "conv/linear grad weight kernel",
+    (sparse_grad, "linear_grad_weight_sparse"): "conv/linear grad weight kernel",
     (static_pattern, "conv_grad"): "conv/linear grad weight kernel",
     (static_pattern, "linear_grad"): "conv/linear grad weight kernel",
     (static_pattern.StaticPattern, "values"): "weight prep (Powerprop, CSR)",
     (layers_module.powerprop, "effective_weight"): "weight prep (Powerprop, CSR)",
-    (csr, "csr_of_weight"): "weight prep (Powerprop, CSR)",
-    (csr, "weight_row_nnz"): "weight prep (Powerprop, CSR)",
+    (csr_build, "csr_of_weight"): "weight prep (Powerprop, CSR)",
+    (csr_build, "weight_row_nnz"): "weight prep (Powerprop, CSR)",
     (ActivationSparsifier, "compress"): "top-k/compress kept activations",
     (SparseActivations, "indices"): "top-k/compress kept activations",
     (SparseActivations, "to_dense"): "top-k/compress kept activations",
-    (csr, "csr_conv2d_macs"): "MAC accounting",
+    (csr_conv, "csr_conv2d_macs"): "MAC accounting",
     # BasicBlock and the stem run BatchNorm + ReLU (+ the residual add) fused
     (BatchNorm2d, "forward_relu"): FUSED,
     (BatchNorm2d, "backward_relu"): FUSED,

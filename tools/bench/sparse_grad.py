@@ -34,14 +34,14 @@ KEEPS = (1.0, 0.5, 0.1, 0.05, 0.01, 0.001)
 
 def bench_shape(shape, batch: int, keeps, reps: int, rng) -> list[str]:
     """Table rows (strings) of one conv shape."""
-    from sparsefedpp.runtime.kernels import activation, conv
+    from sparsefedpp.runtime.kernels import conv, geometry, sparse_grad
     from sparsefedpp.runtime.sparse_activation import (
         ActivationSparsifier,
         topk_threshold,
     )
 
     c, h, o, k, s, p = shape
-    oh = conv.out_size(h, k, s, p)
+    oh = geometry.out_size(h, k, s, p)
     x = np.maximum(rng.standard_normal((batch, c, h, h)), 0).astype(np.float32)
     w = (rng.standard_normal((o, c, k, k)) * 0.1).astype(np.float32)
     g = rng.standard_normal((batch, o, oh, oh)).astype(np.float32)
@@ -59,12 +59,12 @@ def bench_shape(shape, batch: int, keeps, reps: int, rng) -> list[str]:
         t_comp = time_ms(lambda sp=sparsifier: sp(x), reps, warmup=2)
 
         def grad(a=act):
-            activation.conv2d_grad_weight_sparse(a.indices(), a.values, x.shape, g,
-                                                 kshape, s, p)
+            sparse_grad.conv2d_grad_weight_sparse(a.indices(), a.values, x.shape, g,
+                                                  kshape, s, p)
 
         t_grad = time_ms(grad, reps, warmup=2)
-        macs = activation.conv2d_grad_weight_sparse_macs(act.indices(), x.shape,
-                                                         g.shape, kshape, s, p)
+        macs = sparse_grad.conv2d_grad_weight_sparse_macs(act.indices(), x.shape,
+                                                          g.shape, kshape, s, p)
         dense_macs = g.size * c * k * k
         ratio = (t_comp + t_grad) / dense
         rows.append(f"  keep {keep:<6} kept {act.kept / x.size:6.4f} "

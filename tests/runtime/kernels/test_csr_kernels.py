@@ -1,8 +1,7 @@
-"""runtime/kernels/csr.py against float64 NumPy references and the dense kernels.
-
-Each float32 result is checked elementwise against ``TOL * scale + ATOL``, scale =
-the same operation on |inputs| (a float32 sum of K terms is off by at most about
-K * 2^-24 * sum|terms|), as in test_kernels.py.
+"""The CSR-weight kernels (runtime/kernels/csr_conv.py, csr_linear.py, csr_direct.py,
+csr_transpose.py, csr_build.py) against their float64 NumPy references
+(runtime/kernels/reference.py) and the dense kernels, within the float32 bound of
+kernel_checks.py.
 """
 
 from __future__ import annotations
@@ -12,19 +11,20 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+from kernel_checks import assert_close, exact, values
 from sparsefedpp.runtime.errors import ConfigError, DTypeError, ShapeError
-from sparsefedpp.runtime.kernels import conv, csr
+from sparsefedpp.runtime.kernels import (
+    conv,
+    csr_build,
+    csr_conv,
+    csr_direct,
+    csr_linear,
+    csr_transpose,
+)
+from sparsefedpp.runtime.kernels import reference as ref
 from sparsefedpp.runtime.sparse import to_csr
 
 pytestmark = pytest.mark.device  # part of the emulated-ARM subset (.ci/aarch64.sh)
-
-TOL = 1e-5
-ATOL = 1e-6
-
-
-def values(shape):
-    return arrays(np.float32, shape,
-                  elements=st.floats(-1e3, 1e3, width=32, allow_subnormal=False))
 
 
 def sparse_values(data, shape):
@@ -36,49 +36,6 @@ def sparse_values(data, shape):
     if kind == "dense":
         return vals
     return np.where(data.draw(arrays(np.bool_, shape)), vals, np.float32(0))
-
-
-def assert_close(actual, ref, scale):
-    assert actual.dtype == np.float32
-    assert actual.shape == ref.shape
-    err = np.abs(actual.astype(np.float64) - ref)
-    bound = TOL * scale + ATOL
-    worst = np.unravel_index(np.argmax(err - bound), err.shape)
-    assert np.all(err <= bound), (
-        f"at {worst}: got {actual[worst]}, expected {ref[worst]}, "
-        f"bound {bound[worst]}")
-
-
-def out_len(size, k, stride, pad):
-    return (size + 2 * pad - k) // stride + 1
-
-
-# -------------------------------------------------------- NumPy references
-def ref_conv2d(x, w, stride, pad):
-    n, _, h, wd = x.shape
-    o, _, kh, kw = w.shape
-    oh, ow = out_len(h, kh, stride, pad), out_len(wd, kw, stride, pad)
-    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (pad, pad), (pad, pad)))
-    y = np.zeros((n, o, oh, ow))
-    for i in range(kh):
-        for j in range(kw):
-            patch = xp[:, :, i:i + stride * (oh - 1) + 1:stride,
-                       j:j + stride * (ow - 1) + 1:stride]
-            y += np.einsum("nchw,oc->nohw", patch, w[:, :, i, j].astype(np.float64))
-    return y
-
-
-def ref_conv2d_grad_input(g, w, in_shape, stride, pad):
-    n, c, h, wd = in_shape
-    _, _, kh, kw = w.shape
-    oh, ow = g.shape[2:]
-    gp = np.zeros((n, c, h + 2 * pad, wd + 2 * pad))
-    for i in range(kh):
-        for j in range(kw):
-            gp[:, :, i:i + stride * (oh - 1) + 1:stride,
-               j:j + stride * (ow - 1) + 1:stride] += np.einsum(
-                "nohw,oc->nchw", g.astype(np.float64), w[:, :, i, j].astype(np.float64))
-    return gp[:, :, pad:pad + h, pad:pad + wd]
 
 
 def csr_args(w):
@@ -106,11 +63,13 @@ def test_csr_conv2d_forward_matches_reference_and_dense(data, geom):
     n, c, o, h, w, kh, kw, stride, pad = geom
     x = data.draw(values((n, c, h, w)))
     wt = sparse_values(data, (o, c, kh, kw))
+    data_, indices, indptr = csr_args(wt)
     # Act
-    y = csr.csr_conv2d_forward(x, *csr_args(wt), wt.shape, stride, pad)
+    y = csr_conv.csr_conv2d_forward(x, data_, indices, indptr, wt.shape, stride, pad)
     # Assert
-    scale = ref_conv2d(np.abs(x), np.abs(wt), stride, pad)
-    assert_close(y, ref_conv2d(x, wt, stride, pad), scale)
+    want, scale = exact(ref.csr_conv2d_forward, (x, data_), indices, indptr,
+                        wt.shape, stride, pad)
+    assert_close(y, want, scale)
     dense = conv.conv2d_forward(x, wt, stride, pad).astype(np.float64)
     assert_close(y, dense, 2 * scale)
 
@@ -120,14 +79,16 @@ def test_csr_conv2d_grad_input_matches_reference_and_dense(data, geom):
     # Arrange
     n, c, o, h, w, kh, kw, stride, pad = geom
     wt = sparse_values(data, (o, c, kh, kw))
-    g = data.draw(values((n, o, out_len(h, kh, stride, pad),
-                          out_len(w, kw, stride, pad))))
+    g = data.draw(values((n, o, ref.out_size(h, kh, stride, pad),
+                          ref.out_size(w, kw, stride, pad))))
+    data_, indices, indptr = csr_args(wt)
     # Act
-    gx = csr.csr_conv2d_grad_input(g, *csr_args(wt), wt.shape, (n, c, h, w), stride,
-                                   pad)
+    gx = csr_conv.csr_conv2d_grad_input(g, data_, indices, indptr, wt.shape,
+                                        (n, c, h, w), stride, pad)
     # Assert
-    scale = ref_conv2d_grad_input(np.abs(g), np.abs(wt), (n, c, h, w), stride, pad)
-    assert_close(gx, ref_conv2d_grad_input(g, wt, (n, c, h, w), stride, pad), scale)
+    want, scale = exact(ref.csr_conv2d_grad_input, (g, data_), indices, indptr,
+                        wt.shape, (n, c, h, w), stride, pad)
+    assert_close(gx, want, scale)
     dense = conv.conv2d_grad_input(g, wt, (n, c, h, w), stride, pad)
     assert_close(gx, dense.astype(np.float64), 2 * scale)
 
@@ -142,18 +103,22 @@ def test_each_conv_path_matches_reference_and_dense(data, geom, path):
     n, c, o, h, w, kh, kw, stride, pad = geom
     x = data.draw(values((n, c, h, w)))
     wt = sparse_values(data, (o, c, kh, kw))
-    g = data.draw(values((n, o, out_len(h, kh, stride, pad),
-                          out_len(w, kw, stride, pad))))
+    g = data.draw(values((n, o, ref.out_size(h, kh, stride, pad),
+                          ref.out_size(w, kw, stride, pad))))
+    data_, indices, indptr = csr_args(wt)
     # Act
-    y = csr._conv_forward(x, *csr_args(wt), wt.shape, stride, pad, path)
-    gx = csr._conv_grad_input(g, *csr_args(wt), wt.shape, x.shape, stride, pad, path)
+    y = csr_conv._conv_forward(x, data_, indices, indptr, wt.shape, stride, pad, path)
+    gx = csr_conv._conv_grad_input(g, data_, indices, indptr, wt.shape, x.shape,
+                                   stride, pad, path)
     # Assert
-    scale = ref_conv2d(np.abs(x), np.abs(wt), stride, pad)
-    assert_close(y, ref_conv2d(x, wt, stride, pad), scale)
+    want, scale = exact(ref.csr_conv2d_forward, (x, data_), indices, indptr,
+                        wt.shape, stride, pad)
+    assert_close(y, want, scale)
     assert_close(y, conv.conv2d_forward(x, wt, stride, pad).astype(np.float64),
                  2 * scale)
-    gscale = ref_conv2d_grad_input(np.abs(g), np.abs(wt), x.shape, stride, pad)
-    assert_close(gx, ref_conv2d_grad_input(g, wt, x.shape, stride, pad), gscale)
+    want, gscale = exact(ref.csr_conv2d_grad_input, (g, data_), indices, indptr,
+                         wt.shape, x.shape, stride, pad)
+    assert_close(gx, want, gscale)
     dense = conv.conv2d_grad_input(g, wt, x.shape, stride, pad).astype(np.float64)
     assert_close(gx, dense, 2 * gscale)
 
@@ -174,11 +139,12 @@ def test_both_paths_agree_on_larger_maps(path, c, h, wd, o, kh, kw, stride, pad,
     wt[rng.random(wt.shape) >= density] = 0.0
     if density < 1.0:
         wt[::2] = 0.0
-    y = csr._conv_forward(x, *csr_args(wt), wt.shape, stride, pad, path)
+    y = csr_conv._conv_forward(x, *csr_args(wt), wt.shape, stride, pad, path)
     np.testing.assert_allclose(y, conv.conv2d_forward(x, wt, stride, pad),
                                rtol=1e-5, atol=1e-4)
     g = rng.standard_normal(y.shape).astype(np.float32)
-    gx = csr._conv_grad_input(g, *csr_args(wt), wt.shape, x.shape, stride, pad, path)
+    gx = csr_conv._conv_grad_input(g, *csr_args(wt), wt.shape, x.shape, stride, pad,
+                                   path)
     np.testing.assert_allclose(gx, conv.conv2d_grad_input(g, wt, x.shape, stride, pad),
                                rtol=1e-5, atol=1e-4)
 
@@ -192,16 +158,17 @@ def test_a_plan_adds_the_bias_and_relu_as_a_second_pass_would(data, geom, path, 
     x = data.draw(values((n, c, h, w)))
     wt = sparse_values(data, (o, c, kh, kw))
     bias = data.draw(values((o,)))
-    plan = csr.plan_conv2d_forward(*csr_args(wt), wt.shape, x.shape, stride, pad, path)
+    plan = csr_conv.plan_conv2d_forward(*csr_args(wt), wt.shape, x.shape, stride, pad,
+                                        path)
 
     got = plan.run(x, bias, relu)
 
-    want = csr._conv_forward(x, *csr_args(wt), wt.shape, stride, pad, path)
+    want = csr_conv._conv_forward(x, *csr_args(wt), wt.shape, stride, pad, path)
     want += bias[None, :, None, None]
     if relu:
         want = np.maximum(want, np.float32(0))
     np.testing.assert_array_equal(got, want)
-    np.testing.assert_array_equal(plan.run(x), csr._conv_forward(
+    np.testing.assert_array_equal(plan.run(x), csr_conv._conv_forward(
         x, *csr_args(wt), wt.shape, stride, pad, path))
 
 
@@ -211,7 +178,8 @@ def test_a_fused_relu_keeps_nan_as_np_maximum_does():
     wt[1, 0, 1, 1] = np.nan
     wt[2, 1, 0, 0] = -1.0
     for path in PATHS:
-        plan = csr.plan_conv2d_forward(*csr_args(wt), wt.shape, x.shape, 1, 1, path)
+        plan = csr_conv.plan_conv2d_forward(*csr_args(wt), wt.shape, x.shape, 1, 1,
+                                            path)
         y = plan.run(x, np.array([-1.0, 0.5, 0.0], np.float32), relu=True)
         assert not y[0, 0].any()                       # empty row, negative bias
         assert np.isnan(y[0, 1]).all()                 # NaN weight
@@ -226,7 +194,7 @@ def test_a_fused_relu_keeps_nan_as_np_maximum_does():
 ])
 def test_a_plan_refuses_other_inputs_than_it_was_made_for(change, match):
     wt = np.ones((4, 3, 3, 3), np.float32)
-    plan = csr.plan_conv2d_forward(*csr_args(wt), wt.shape, (1, 3, 5, 5), 1, 1)
+    plan = csr_conv.plan_conv2d_forward(*csr_args(wt), wt.shape, (1, 3, 5, 5), 1, 1)
     args = {"x": np.zeros((1, 3, 5, 5), np.float32), "bias": None}
     args.update(change)
     with pytest.raises(ShapeError, match=match):
@@ -235,24 +203,21 @@ def test_a_plan_refuses_other_inputs_than_it_was_made_for(change, match):
 
 def test_low_density_takes_the_direct_path_and_high_density_the_planes():
     # ResNet-8 16@32x32->16 3x3: 23 nonzeros (1 %) -> direct; 30 % -> planes
-    assert csr._use_direct(23, 32 * 32, 16 * 34 * 34, "forward")
-    assert csr._use_direct(23, 32 * 32, 16 * 32 * 32, "grad_input")
-    assert not csr._use_direct(691, 32 * 32, 16 * 34 * 34, "forward")
-    assert not csr._use_direct(691, 32 * 32, 16 * 32 * 32, "grad_input")
+    assert csr_direct.use_direct(23, 32 * 32, 16 * 34 * 34, "forward")
+    assert csr_direct.use_direct(23, 32 * 32, 16 * 32 * 32, "grad_input")
+    assert not csr_direct.use_direct(691, 32 * 32, 16 * 34 * 34, "forward")
+    assert not csr_direct.use_direct(691, 32 * 32, 16 * 32 * 32, "grad_input")
 
 
 @given(data=st.data(), geom=conv_geometry())
 def test_csr_conv2d_macs_counts_exactly_the_valid_taps(data, geom):
     n, c, o, h, w, kh, kw, stride, pad = geom
     wt = sparse_values(data, (o, c, kh, kw))
-    oh, ow = out_len(h, kh, stride, pad), out_len(w, kw, stride, pad)
-    a = np.arange(oh)[:, None] * stride - pad
-    b = np.arange(ow)[None, :] * stride - pad
-    expected = sum(int(((a + i >= 0) & (a + i < h) & (b + j >= 0) & (b + j < w)).sum())
-                   for _, _, i, j in zip(*np.nonzero(wt), strict=True))
+    oh, ow = ref.out_size(h, kh, stride, pad), ref.out_size(w, kw, stride, pad)
     _, indices, indptr = csr_args(wt)
-    macs = csr.csr_conv2d_macs(indices, indptr, wt.shape, (n, c, h, w), stride, pad, n)
-    assert macs == n * expected
+    args = (indices, indptr, wt.shape, (n, c, h, w), stride, pad, n)
+    macs = csr_conv.csr_conv2d_macs(*args)
+    assert macs == ref.csr_conv2d_macs(*args)
     assert macs <= n * np.count_nonzero(wt) * oh * ow
 
 
@@ -266,11 +231,12 @@ def test_resnet_shapes_at_batch_two(c, h, o, k, stride, pad):
     wt = rng.standard_normal((o, c, k, k)).astype(np.float32)
     wt[rng.random(wt.shape) < 0.8] = 0.0
     wt[::3] = 0.0
-    y = csr.csr_conv2d_forward(x, *csr_args(wt), wt.shape, stride, pad)
+    y = csr_conv.csr_conv2d_forward(x, *csr_args(wt), wt.shape, stride, pad)
     np.testing.assert_allclose(y, conv.conv2d_forward(x, wt, stride, pad),
                                rtol=1e-5, atol=1e-5)
     g = rng.standard_normal(y.shape).astype(np.float32)
-    gx = csr.csr_conv2d_grad_input(g, *csr_args(wt), wt.shape, x.shape, stride, pad)
+    gx = csr_conv.csr_conv2d_grad_input(g, *csr_args(wt), wt.shape, x.shape, stride,
+                                        pad)
     np.testing.assert_allclose(gx, conv.conv2d_grad_input(g, wt, x.shape, stride, pad),
                                rtol=1e-5, atol=1e-5)
 
@@ -283,14 +249,14 @@ def test_parallel_transpose_gives_the_serial_result(monkeypatch):
     wt[2] = 0.0
     data, indices, indptr = csr_args(wt)
     group = rng.integers(0, 7, 27)
-    serial = csr._transposed(data, indices, indptr, group, group * 10, 7)
-    monkeypatch.setattr(csr, "_PARALLEL_NNZ", 0)
-    for a, b in zip(csr._transposed(data, indices, indptr, group, group * 10, 7),
-                    serial, strict=True):
+    serial = csr_transpose.transposed(data, indices, indptr, group, group * 10, 7)
+    monkeypatch.setattr(csr_transpose, "_PARALLEL_NNZ", 0)
+    parallel = csr_transpose.transposed(data, indices, indptr, group, group * 10, 7)
+    for a, b in zip(parallel, serial, strict=True):
         np.testing.assert_array_equal(a, b)
     g = rng.standard_normal((2, 5, 3, 3)).astype(np.float32)
-    gx = csr.csr_conv2d_grad_input(g, data, indices, indptr, wt.shape, (2, 3, 5, 5),
-                                   2, 1)
+    gx = csr_conv.csr_conv2d_grad_input(g, data, indices, indptr, wt.shape,
+                                        (2, 3, 5, 5), 2, 1)
     np.testing.assert_allclose(gx, conv.conv2d_grad_input(g, wt, (2, 3, 5, 5), 2, 1),
                                rtol=1e-5, atol=1e-5)
 
@@ -299,13 +265,13 @@ def test_nan_weight_propagates_and_empty_weight_gives_zeros():
     x = np.ones((1, 2, 4, 4), np.float32)
     wt = np.zeros((3, 2, 3, 3), np.float32)
     wt[1, 0, 1, 1] = np.nan
-    y = csr.csr_conv2d_forward(x, *csr_args(wt), wt.shape, 1, 1)
+    y = csr_conv.csr_conv2d_forward(x, *csr_args(wt), wt.shape, 1, 1)
     assert np.isnan(y[0, 1]).all() and not np.isnan(y[0, [0, 2]]).any()
     assert not y[0, [0, 2]].any()
     empty = csr_args(np.zeros_like(wt))
-    assert not csr.csr_conv2d_forward(x, *empty, wt.shape, 2, 1).any()
-    gx = csr.csr_conv2d_grad_input(np.ones((1, 3, 2, 2), np.float32), *empty, wt.shape,
-                                   x.shape, 2, 1)
+    assert not csr_conv.csr_conv2d_forward(x, *empty, wt.shape, 2, 1).any()
+    gx = csr_conv.csr_conv2d_grad_input(np.ones((1, 3, 2, 2), np.float32), *empty,
+                                        wt.shape, x.shape, 2, 1)
     assert gx.shape == x.shape and not gx.any()
 
 
@@ -317,16 +283,16 @@ def test_read_only_inputs_are_accepted():
     data, indices, indptr = csr_args(wt)
     ro = [np.frombuffer(a.tobytes(), a.dtype) for a in (x.ravel(), data, indices,
                                                           indptr)]
-    y = csr.csr_conv2d_forward(ro[0].reshape(x.shape), *ro[1:], wt.shape, 1, 0)
+    y = csr_conv.csr_conv2d_forward(ro[0].reshape(x.shape), *ro[1:], wt.shape, 1, 0)
     np.testing.assert_allclose(y, conv.conv2d_forward(x, wt, 1, 0), rtol=1e-5,
                                atol=1e-4)
     g = np.frombuffer(y.tobytes(), np.float32).reshape(y.shape)
-    gx = csr.csr_conv2d_grad_input(g, *ro[1:], wt.shape, x.shape, 1, 0)
+    gx = csr_conv.csr_conv2d_grad_input(g, *ro[1:], wt.shape, x.shape, 1, 0)
     np.testing.assert_allclose(gx, conv.conv2d_grad_input(y, wt, x.shape, 1, 0),
                                rtol=1e-5, atol=1e-3)
     x2 = ro[0][:54].reshape(2, 27)
     w2 = wt.reshape(4, 27)
-    np.testing.assert_allclose(csr.csr_linear_forward(x2, *ro[1:], 4), x2 @ w2.T,
+    np.testing.assert_allclose(csr_linear.csr_linear_forward(x2, *ro[1:], 4), x2 @ w2.T,
                                rtol=1e-5, atol=1e-4)
 
 
@@ -336,11 +302,12 @@ def test_other_integer_index_dtypes_are_converted():
     wt = rng.standard_normal((3, 4)).astype(np.float32)
     x = rng.standard_normal((2, 4)).astype(np.float32)
     data, indices, indptr = csr_args(wt)
-    y = csr.csr_linear_forward(x, data, indices.astype(np.int64),
+    y = csr_linear.csr_linear_forward(x, data, indices.astype(np.int64),
                                indptr.astype(np.int32), 3)
     np.testing.assert_allclose(y, x @ wt.T, rtol=1e-5, atol=1e-5)
     with pytest.raises(ConfigError, match="below 2\\*\\*31"):
-        csr.csr_linear_forward(x, data, indices.astype(np.int64) + 2**32, indptr, 3)
+        csr_linear.csr_linear_forward(x, data, indices.astype(np.int64) + 2**32, indptr,
+                                      3)
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
@@ -363,14 +330,15 @@ def test_csr_conv2d_forward_rejects_bad_arguments(kwargs, error, match):
             "indptr": indptr, "kshape": (4, 3, 3, 3), "stride": 1, "pad": 1}
     args.update(kwargs)
     with pytest.raises(error, match=match):
-        csr.csr_conv2d_forward(**args)
+        csr_conv.csr_conv2d_forward(**args)
 
 
 def test_csr_conv2d_grad_input_rejects_a_wrong_grad_shape():
     data, indices, indptr = csr_args(np.ones((4, 3, 3, 3), np.float32))
     with pytest.raises(ShapeError, match="expected grad_out of shape"):
-        csr.csr_conv2d_grad_input(np.zeros((1, 4, 5, 4), np.float32), data, indices,
-                                  indptr, (4, 3, 3, 3), (1, 3, 5, 5), 1, 1)
+        csr_conv.csr_conv2d_grad_input(np.zeros((1, 4, 5, 4), np.float32), data,
+                                       indices, indptr, (4, 3, 3, 3), (1, 3, 5, 5), 1,
+                                       1)
 
 
 # ----------------------------------------------------------------- linear
@@ -381,13 +349,13 @@ def test_csr_linear_matches_numpy(data, n, k, o):
     x = data.draw(values((n, k)))
     g = data.draw(values((n, o)))
     wt = sparse_values(data, (o, k))
-    w64 = wt.astype(np.float64)
+    data_, indices, indptr = csr_args(wt)
     # Act
-    y = csr.csr_linear_forward(x, *csr_args(wt), o)
-    gx = csr.csr_linear_grad_input(g, *csr_args(wt), k)
+    y = csr_linear.csr_linear_forward(x, data_, indices, indptr, o)
+    gx = csr_linear.csr_linear_grad_input(g, data_, indices, indptr, k)
     # Assert
-    assert_close(y, x.astype(np.float64) @ w64.T, np.abs(x) @ np.abs(w64).T)
-    assert_close(gx, g.astype(np.float64) @ w64, np.abs(g) @ np.abs(w64))
+    assert_close(y, *exact(ref.csr_linear_forward, (x, data_), indices, indptr, o))
+    assert_close(gx, *exact(ref.csr_linear_grad_input, (g, data_), indices, indptr, k))
 
 
 def test_csr_linear_beyond_one_chunk_of_images():
@@ -395,55 +363,45 @@ def test_csr_linear_beyond_one_chunk_of_images():
     x = rng.standard_normal((2100, 5)).astype(np.float32)
     wt = rng.standard_normal((3, 5)).astype(np.float32)
     wt[1] = 0.0
-    np.testing.assert_allclose(csr.csr_linear_forward(x, *csr_args(wt), 3), x @ wt.T,
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(csr_linear.csr_linear_forward(x, *csr_args(wt), 3),
+                               x @ wt.T, rtol=1e-5, atol=1e-5)
     g = rng.standard_normal((2100, 3)).astype(np.float32)
-    np.testing.assert_allclose(csr.csr_linear_grad_input(g, *csr_args(wt), 5), g @ wt,
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(csr_linear.csr_linear_grad_input(g, *csr_args(wt), 5),
+                               g @ wt, rtol=1e-5, atol=1e-5)
 
 
 def test_csr_linear_rejects_mismatched_shapes():
-    data, indices, indptr = csr_args(np.ones((3, 4), np.float32))
+    args = csr_args(np.ones((3, 4), np.float32))
     with pytest.raises(ShapeError, match="expected 3 entries"):
-        csr.csr_linear_forward(np.zeros((2, 4), np.float32), data, indices, indptr, 2)
+        csr_linear.csr_linear_forward(np.zeros((2, 4), np.float32), *args, 2)
     with pytest.raises(ConfigError, match="in \\[0, 3\\)"):
-        csr.csr_linear_forward(np.zeros((2, 3), np.float32), data, indices, indptr, 3)
+        csr_linear.csr_linear_forward(np.zeros((2, 3), np.float32), *args, 3)
     with pytest.raises(ShapeError, match="\\(N, out_features\\)"):
-        csr.csr_linear_grad_input(np.zeros(3, np.float32), data, indices, indptr, 4)
+        csr_linear.csr_linear_grad_input(np.zeros(3, np.float32), *args, 4)
 
 
-# -------------------------------------------------------------- prefer_csr
-def test_prefer_csr_is_a_density_threshold():
-    for kind in ("conv", "linear"):
-        flags = [csr.prefer_csr(d, kind) for d in np.linspace(0, 1, 21)]
-        assert flags == sorted(flags, reverse=True)
-        assert not csr.prefer_csr(1.0, kind)
-    assert csr.prefer_csr(0.1, "conv")
-    assert not csr.prefer_csr(0.0, "linear")  # BLAS wins on fc layers this size
-    with pytest.raises(ConfigError, match="kind"):
-        csr.prefer_csr(0.5, "pool")
-    with pytest.raises(ConfigError, match="density in \\[0, 1\\]"):
-        csr.prefer_csr(1.5, "conv")
-
-
+# -------------------------------------------------------------- csr_build
 @pytest.mark.parametrize("alpha", [1.0, 1.25, 1.5, 2.0, 3.0])
 @pytest.mark.parametrize("density", [0.0, 0.01, 0.3, 1.0])
 def test_csr_of_weight_equals_to_csr_of_the_effective_weight(alpha, density):
     from sparsefedpp.runtime import powerprop
-    from sparsefedpp.runtime.kernels.csr import csr_of_weight, weight_row_nnz
-    from sparsefedpp.runtime.sparse import to_csr
 
     rng = np.random.default_rng(int(alpha * 100 + density * 10))
     v = rng.standard_normal((12, 5, 3, 3)).astype(np.float32)
     v[rng.random(v.shape) >= density] = 0.0
     v[3] = 0.0  # an empty row
-    ref = to_csr(powerprop.effective_weight(v, alpha)[0])
-    counts = weight_row_nnz(v)
-    np.testing.assert_array_equal(counts, np.count_nonzero(v.reshape(12, -1), axis=1))
-    for got in (csr_of_weight(v, alpha), csr_of_weight(v, alpha, counts)):
+    want = to_csr(powerprop.effective_weight(v, alpha)[0])
+    counts = csr_build.weight_row_nnz(v)
+    np.testing.assert_array_equal(counts, ref.weight_row_nnz(v))
+    twin = ref.csr_of_weight(v, alpha)
+    for got in (csr_build.csr_of_weight(v, alpha),
+                csr_build.csr_of_weight(v, alpha, counts)):
         data, indices, indptr = got
-        np.testing.assert_array_equal(indptr, ref.indptr)
-        np.testing.assert_array_equal(indices, ref.indices)
-        np.testing.assert_allclose(data, ref.data, rtol=1e-6)  # general p: powf vs npy
+        np.testing.assert_array_equal(indptr, want.indptr)
+        np.testing.assert_array_equal(indices, want.indices)
+        np.testing.assert_allclose(data, want.data, rtol=1e-6)  # general p: powf vs npy
         if alpha in (1.0, 1.25, 1.5):
-            np.testing.assert_array_equal(data, ref.data)  # same sqrt path: bit-exact
+            np.testing.assert_array_equal(data, want.data)  # same sqrt path: bit-exact
+        for a, b in zip(got[1:], twin[1:], strict=True):
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(data, twin[0], rtol=1e-6)
