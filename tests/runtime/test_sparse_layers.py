@@ -45,7 +45,7 @@ def _topk_mask(x, keep):
 
 
 @pytest.mark.parametrize("policy", ["fixed0", "weight_driven"])
-def test_sparsity_zero_reproduces_the_dense_engine_exactly(policy):
+def test_sparsity_zero_reproduces_the_dense_engine_to_float_rounding(policy):
     # Arrange: the policy at sparsity zero keeps everything ...
     dense = models.build("resnet8", seed=0, alpha=1.25)
     sparse = copy.deepcopy(dense)
@@ -75,8 +75,11 @@ def test_sparsity_zero_reproduces_the_dense_engine_exactly(policy):
     dense_layers = pruning.prunable_layers(dense).values()
     assert {layer.cost.act_keep for layer in dense_layers} == {1.0}
     np.testing.assert_array_equal(gx_s, gx_d)
+    # The sparse-activation weight gradient sums in another order than BLAS's
+    # g.T @ x (fc.weight differed in the last float32 bit on some runs), so the
+    # parameter gradients agree to float32 rounding, not bit for bit.
     for k in g_d:
-        np.testing.assert_array_equal(g_s[k], g_d[k], err_msg=k)
+        np.testing.assert_allclose(g_s[k], g_d[k], rtol=1e-5, atol=1e-7, err_msg=k)
 
 
 @pytest.mark.parametrize("k, stride, pad", [(3, 1, 1), (3, 2, 1), (1, 2, 0)])
