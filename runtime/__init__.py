@@ -4,7 +4,6 @@ from .allocator import keep_freed_memory
 
 keep_freed_memory()  # before the first large array: see allocator.py
 
-from .batchnorm import BatchNorm2d
 from .errors import (
                      CheckpointError,
                      CodecError,
@@ -16,12 +15,22 @@ from .errors import (
                      StateError,
                      TransportError,
 )
-from .layers import Conv2d, Flatten, Layer, Linear, ReLU
+from .layers import (
+    BasicBlock,
+    BatchNorm2d,
+    Conv2d,
+    Flatten,
+    GlobalAvgPool2d,
+    Layer,
+    Linear,
+    MaxPool2d,
+    Module,
+    ReLU,
+    Sequential,
+)
 from .losses import softmax_cross_entropy
-from .model import BasicBlock, Module, Sequential
 from .models import build
 from .optim import SGD, lr_schedule
-from .pooling import GlobalAvgPool2d, MaxPool2d
 
 __all__ = [
                      "SGD",

@@ -19,8 +19,8 @@ from itertools import pairwise
 
 import numpy as np
 
-from .batchnorm import BatchNorm2d
-from .layers import Conv2d, Layer, ReLU, _Weighted
+from .layers import Conv2d, Layer, ReLU, WeightedLayer
+from .layers.batchnorm import BatchNorm2d
 
 
 def bn_scale_shift(bn: BatchNorm2d) -> tuple[np.ndarray, np.ndarray]:
@@ -84,7 +84,7 @@ def freeze(model: Layer, *, fold_bn: bool = True, fuse_relu: bool = True) -> int
         relus = {id(conv): relu for conv, relu in conv_relus(model, folded_ids)}
     try:
         for layer in model.named_layers().values():
-            if not isinstance(layer, _Weighted):
+            if not isinstance(layer, WeightedLayer):
                 continue
             bn, relu = paired.get(id(layer)), relus.get(id(layer))
             layer.freeze(*(bn_scale_shift(bn) if bn is not None else (None, None)),
@@ -102,7 +102,7 @@ def freeze(model: Layer, *, fold_bn: bool = True, fuse_relu: bool = True) -> int
 def unfreeze(model: Layer) -> None:
     """Back to the trainable model (nothing of it was changed by ``freeze``)."""
     for layer in model.named_layers().values():
-        if isinstance(layer, _Weighted):
+        if isinstance(layer, WeightedLayer):
             layer.unfreeze()
         elif isinstance(layer, BatchNorm2d):
             layer.folded = False

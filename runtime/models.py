@@ -8,12 +8,19 @@ from __future__ import annotations
 import numpy as np
 
 from .arrays import as_f32, check_ndim
-from .batchnorm import BatchNorm2d
 from .errors import ConfigError, ShapeError, StateError
-from .layers import Conv2d, Flatten, Linear, ReLU
-from .model import BasicBlock, Sequential
-from .pooling import GlobalAvgPool2d, MaxPool2d
-from .powerprop import NO_INIT
+from .layers import (
+    BasicBlock,
+    BatchNorm2d,
+    Conv2d,
+    Flatten,
+    GlobalAvgPool2d,
+    Linear,
+    MaxPool2d,
+    ReLU,
+    Sequential,
+)
+from .layers.powerprop import NO_INIT
 
 NAMES = ("cnn", "resnet8", "resnet18")
 

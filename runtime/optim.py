@@ -1,6 +1,6 @@
 """SGD with momentum, Nesterov and weight decay (PyTorch's update rule), and LR schedules.
 
-A parameter whose layer has a static pattern (runtime/static_pattern.py: Powerprop
+A parameter whose layer has a static pattern (runtime/sparsity/static_pattern.py: Powerprop
 alpha > 1, the gradient zero outside the pattern) is updated at the pattern only,
 O(nnz): outside it the weight, its gradient and its momentum are all zero, so the
 dense update would leave them zero too. Its momentum buffer is then kept as values
@@ -13,8 +13,8 @@ import math
 
 import numpy as np
 
-from . import static_pattern
 from .errors import CheckpointError, ConfigError
+from .sparsity import static_pattern
 
 
 class Optimizer:

@@ -13,7 +13,12 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 from sparsefedpp.runtime.errors import ConfigError, DTypeError, ShapeError
-from sparsefedpp.runtime.pruning import SCOPES, global_sparsity, nonzeros, prune
+from sparsefedpp.runtime.sparsity.pruning import (
+    SCOPES,
+    global_sparsity,
+    nonzeros,
+    prune,
+)
 from sparsefedpp.runtime.wire.checks import finite_problem, tensors_problem
 
 from . import robust
@@ -177,11 +182,11 @@ class FedAvg(Strategy):
     prune_floor : int
         Every pruning this strategy does (``prune_to``, ``eval_pruned``,
         ``eval_sparsities``) keeps at least min(prune_floor, size) weights per
-        layer (``runtime.pruning.magnitude_masks`` ``floor``); 0 (default): plain
+        layer (``runtime.sparsity.pruning.magnitude_masks`` ``floor``); 0 (default): plain
         global magnitude pruning, the reference's.
     prune_model : runtime Model, optional
         Scratch model of the clients' architecture, used for pruning via
-        ``load_state_dict``/``state_dict`` and ``runtime.pruning.prune``; its
+        ``load_state_dict``/``state_dict`` and ``runtime.sparsity.pruning.prune``; its
         tensors are overwritten. When given, its names/shapes are the reference
         that client results must match.
     evaluate_fn : callable, optional

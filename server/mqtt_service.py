@@ -3,9 +3,10 @@
 server/round_loop.py runs the rounds (the quorum, the deadline policy, the
 aggregation, the evaluation, the round record); this module is its transport over
 the broker: who is online (retained device status, last wills), announcing a round
-(retained model chunks and announcement), collecting updates (reassembly,
-validation on arrival, an ack for every upload), the counted-update digests and
-the state file.
+(retained model chunks and announcement), collecting updates (reassembly, one
+check on arrival, an ack for every upload) and the counted-update digests. Its
+settings are server/service_config.py, the check of an arrived update
+server/arrival.py, the state file server/state_file.py.
 
 Round state machine (docs/protocol.md draws it)::
 
@@ -36,189 +37,23 @@ import math
 import queue
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from sparsefedpp.runtime.checkpoint import write_atomic
-from sparsefedpp.runtime.errors import CodecError, ConfigError, StateError
+from sparsefedpp.runtime.errors import CodecError
 from sparsefedpp.runtime.wire import codec, protocol
 from sparsefedpp.runtime.wire.broker import CONNECTED, BrokerSettings, QueuedClient
-from sparsefedpp.runtime.wire.checks import tensors_problem
 
-from .round_loop import (
-    POLICIES,
-    Arrivals,
-    RoundLoop,
-    RoundPolicy,
-    RoundRecord,
-    Transport,
-)
+from . import state_file
+from .arrival import update_problem
+from .round_loop import Arrivals, RoundLoop, RoundRecord, Transport
+from .service_config import ServiceConfig
 from .strategy import ClientInstruction, ClientResult, Strategy
 
 logger = logging.getLogger(__name__)
 
 Tensors = dict[str, np.ndarray]
-STATE_FILE = "federation.sfpp"
-COUNTED_ROUNDS = 3        # rounds whose counted update digests the state file keeps
 ALREADY_COUNTED = "already counted"
-# An update's metrics (codec meta): small, flat, finite. fedavg averages the
-# numbers weighted by num_examples, so each must stay far from float overflow.
-MAX_METRICS = 64
-MAX_METRIC_KEY = 64
-MAX_METRIC_VALUE = 1e15
-MAX_METRIC_TEXT = 256
-
-
-@dataclass(frozen=True)
-class ServiceConfig:
-    """Deployment settings of the aggregator (the FL settings live in the strategy
-    and in ``round_config``).
-
-    ``devices`` are the registered device ids (= their MQTT usernames); a round
-    selects among those whose retained status says online. Before announcing,
-    the service waits up to ``device_grace`` seconds for every registered device
-    to be online, and longer (up to ``wait_for_quorum``) while fewer than the
-    quorum are. ``quorum`` is the strategy's ``min_clients``. A round closes
-    when every selected device has answered, or when the quorum is met and the
-    others have been offline (last will) for ``offline_grace`` seconds, or at
-    the deadline.
-
-    ``max_examples`` caps an update's num_examples (its FedAvg weight) for
-    every device; a device that declared its example count in its online
-    status is held to that count. ``client_id`` defaults to the MQTT username
-    (else ``sfpp-aggregator``): the shipped broker forces client id = username.
-    """
-
-    devices: tuple[str, ...]
-    rounds: int
-    state_dir: str
-    quorum: int = 1
-    round_timeout: float = 600.0
-    on_no_quorum: str = "extend"
-    extend_seconds: float = 60.0
-    max_attempts: int = 3
-    device_grace: float = 30.0
-    offline_grace: float = 30.0
-    wait_for_quorum: float = 3600.0
-    eval_every: int = 1
-    encoding: str = "csr"
-    method: str = "fedavg"
-    prefix: str = protocol.DEFAULT_PREFIX
-    client_id: str | None = None
-    chunk_bytes: int = protocol.DEFAULT_CHUNK_BYTES
-    max_update_bytes: int = 256 << 20
-    max_update_norm: float | None = None
-    max_examples: int = 100_000
-    connect_timeout: float = 30.0
-    publish_timeout: float = 120.0
-
-    def __post_init__(self):
-        if not self.devices:
-            raise ConfigError("serve devices: expected at least one registered device "
-                              "id, got none; list them under [deployment] devices")
-        for d in self.devices:
-            protocol.check_device_id(d, ConfigError)
-        if len(set(self.devices)) != len(self.devices):
-            raise ConfigError(f"serve devices: expected distinct ids, got "
-                              f"{list(self.devices)}")
-        if self.on_no_quorum not in POLICIES:
-            raise ConfigError(f"serve on_no_quorum: expected one of {POLICIES}, got "
-                              f"{self.on_no_quorum!r}")
-        for name in ("rounds", "quorum", "max_attempts", "eval_every", "chunk_bytes",
-                     "max_update_bytes", "max_examples"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"serve {name}: expected an integer >= 1, got "
-                                  f"{value!r}")
-        for name in ("round_timeout", "extend_seconds", "device_grace",
-                     "wait_for_quorum", "offline_grace", "connect_timeout", "publish_timeout"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and value >= 0):
-                raise ConfigError(f"serve {name}: expected seconds >= 0, got {value!r}")
-        if self.max_update_norm is not None and not self.max_update_norm > 0:
-            raise ConfigError(f"serve max_update_norm: expected > 0 or none, got "
-                              f"{self.max_update_norm!r}")
-        if self.encoding not in codec.ENCODINGS:
-            raise ConfigError(f"serve encoding: expected one of "
-                              f"{', '.join(codec.ENCODINGS)}, got {self.encoding!r}")
-        protocol.Topics(self.prefix)
-        if self.client_id is not None and not self.client_id:
-            raise ConfigError("serve client_id: expected a non-empty MQTT client id or "
-                              "none (the username)")
-
-    @property
-    def policy(self) -> RoundPolicy:
-        """The round loop's quorum, deadline and evaluation schedule."""
-        return RoundPolicy(rounds=self.rounds, quorum=self.quorum,
-                           round_timeout=self.round_timeout,
-                           on_no_quorum=self.on_no_quorum,
-                           extend_seconds=self.extend_seconds,
-                           max_attempts=self.max_attempts, eval_every=self.eval_every)
-
-
-def _number_text(value) -> str:
-    if isinstance(value, int) and abs(value) > 10**20:
-        return f"an integer of {value.bit_length()} bits"
-    return f"{value!r:.40}"
-
-
-def metrics_problem(meta: dict) -> str:
-    """Why an update's metrics (codec meta) are unusable ('' if they are): at most
-    ``MAX_METRICS`` keys of at most ``MAX_METRIC_KEY`` characters, each value a
-    number within +-``MAX_METRIC_VALUE``, true/false, null or a short string.
-    ``{"loss": 10**400}`` is valid JSON whose float() overflows."""
-    if len(meta) > MAX_METRICS:
-        return f"metrics: expected at most {MAX_METRICS} entries, got {len(meta)}"
-    for key, value in meta.items():
-        if len(key) > MAX_METRIC_KEY:
-            return (f"metrics key {key[:20]!r}...: expected at most {MAX_METRIC_KEY} "
-                    f"characters, got {len(key)}")
-        if value is None or isinstance(value, bool):
-            continue
-        if isinstance(value, (int, float)):
-            if not abs(value) <= MAX_METRIC_VALUE:  # also False for NaN
-                return (f"metrics {key!r}: expected a finite number within "
-                        f"+-{MAX_METRIC_VALUE:g}, got {_number_text(value)}")
-        elif isinstance(value, str):
-            if len(value) > MAX_METRIC_TEXT:
-                return (f"metrics {key!r}: expected a string of at most "
-                        f"{MAX_METRIC_TEXT} characters, got {len(value)}")
-        else:
-            return (f"metrics {key!r}: expected a number, true/false, null or a "
-                    f"string, got {type(value).__name__}")
-    return ""
-
-
-def update_problem(msg: codec.Message, reference: Tensors, *, max_examples: int,
-                   max_norm: float | None, method: str | None = None,
-                   declared: int | None = None) -> str:
-    """Why a decoded update cannot be averaged into ``reference`` ('' if it can):
-    the method (the announced ``method``), the tensors (``tensors_problem``),
-    the example count (at most ``max_examples``, and at most what the device
-    ``declared`` at registration), the metrics and the L2 norm of the change
-    against the global model."""
-    if method is not None and msg.method != method:
-        return f"method {msg.method[:40]!r}: expected the announced {method!r}"
-    problem = tensors_problem(msg.tensors, reference, max_integer=None)
-    if problem:
-        return problem
-    n = msg.num_examples
-    if declared is not None and declared < max_examples:
-        if not 1 <= n <= declared:
-            return (f"num_examples: expected 1 to {declared} (the count it declared "
-                    f"online), got {n}")
-    elif not 1 <= n <= max_examples:
-        return f"num_examples: expected 1 to {max_examples}, got {n}"
-    problem = metrics_problem(msg.meta)
-    if problem:
-        return problem
-    if max_norm is not None:
-        sq = sum(float(np.sum((msg.tensors[k].astype(np.float64) - ref) ** 2))
-                 for k, ref in reference.items() if ref.dtype.kind == "f")
-        if math.sqrt(sq) > max_norm:
-            return f"update norm {math.sqrt(sq):.4g} exceeds max_update_norm {max_norm:g}"
-    return ""
 
 
 class Aggregator(Transport):
@@ -254,7 +89,7 @@ class Aggregator(Transport):
                               evaluate_fn=evaluate_fn, model_stats=model_stats,
                               emit=self.emit)
         self.topics = protocol.Topics(config.prefix)
-        self.state_path = Path(config.state_dir) / STATE_FILE
+        self.state_path = Path(config.state_dir) / state_file.STATE_FILE
         self.online: dict[str, bool] = {}
         self.declared: dict[str, int] = {}  # examples each device declared online
         self._offline_since: dict[str, float] = {}
@@ -306,27 +141,13 @@ class Aggregator(Transport):
 
     # ---------------------------------------------------------------- state file
     def _resume(self) -> None:
-        if not self.state_path.exists():
+        saved = state_file.load(self.state_path, self.fingerprint, self.tensors)
+        if saved is None:
             return
-        try:
-            msg = codec.decode(self.state_path.read_bytes())
-        except (OSError, CodecError) as e:
-            raise StateError(f"federation state {self.state_path}: expected a readable "
-                             f"state file, got {e}; move it away to start over") from None
-        saved = msg.meta.get("fingerprint")
-        if saved != self.fingerprint:
-            raise ConfigError(f"federation state {self.state_path}: written for another "
-                              f"configuration (saved {saved}, now {self.fingerprint}); "
-                              f"use another state folder to start a new federation")
-        problem = tensors_problem(msg.tensors, self.tensors, max_integer=None)
-        if problem:
-            raise StateError(f"federation state {self.state_path}: {problem}")
-        self.tensors = dict(msg.tensors)
-        self.next_round = int(msg.meta["next_round"])
-        self.totals.update(msg.meta.get("totals", {}))
-        for entry in msg.meta.get("counted", []):  # absent in older state files
-            rnd, device, digest = entry
-            self._counted[str(digest)] = (int(rnd), str(device))
+        self.tensors = saved.tensors
+        self.next_round = saved.next_round
+        self.totals.update(saved.totals)
+        self._counted.update(saved.counted)
         logger.info("resuming at round %d from %s", self.next_round + 1, self.state_path)
         self.emit("resume", round=self.next_round, state=str(self.state_path))
 
@@ -335,17 +156,11 @@ class Aggregator(Transport):
         self._save()
 
     def _save(self) -> None:
-        oldest = self.next_round - COUNTED_ROUNDS
-        self._counted = {d: v for d, v in self._counted.items() if v[0] >= oldest}
-        counted = sorted([rnd, device, digest]
-                         for digest, (rnd, device) in self._counted.items())
-        msg = codec.Message("model", self.next_round, "aggregator", self.config.method,
-                            self.tensors, 0, {"fingerprint": self.fingerprint,
-                                              "next_round": self.next_round,
-                                              "totals": self.totals,
-                                              "counted": counted})
-        data = codec.encode(msg, "csr")
-        write_atomic(self.state_path, lambda f: f.write(data))
+        self._counted = state_file.recent(self._counted, self.next_round)
+        state_file.save(self.state_path,
+                        state_file.SavedState(self.tensors, self.next_round,
+                                              self.totals, self._counted),
+                        method=self.config.method, fingerprint=self.fingerprint)
 
     # ---------------------------------------------------------------- broker
     def _publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
@@ -585,7 +400,7 @@ class Aggregator(Transport):
     def _clear(self, topic: str) -> None:
         """Delete the retained message on ``topic`` (an empty retained publish; the
         aggregator's ACL may write every topic of the prefix)."""
-        self._mqtt.paho.publish(topic, b"", qos=1, retain=True)
+        self._mqtt.publish(topic, b"", retain=True)
 
     def _transfer_dropped(self, device: str, held: int, count: int, why: str) -> None:
         logger.warning("dropped an unfinished upload from %s (%d of %d chunks): %s",
@@ -692,4 +507,4 @@ class Aggregator(Transport):
         rnd = rnd if 0 <= rnd <= protocol.MAX_ROUND else -1
         data = protocol.control("ack", round=rnd, accepted=accepted,
                                 reason=reason[:500], digest=digest)
-        self._mqtt.paho.publish(self.topics.ack(device), data, qos=1)
+        self._mqtt.publish(self.topics.ack(device), data)

@@ -113,7 +113,8 @@ def write_global_model(path: Path, model: str, sparsity: float, width: float,
     seeded Powerprop weights (alpha 1.25) pruned globally to ``sparsity``. Built
     here, so the worker measures a client's round: no random initialisation,
     decode, load (trainer/device_agent.py)."""
-    from sparsefedpp.runtime import models, pruning
+    from sparsefedpp.runtime import models
+    from sparsefedpp.runtime.sparsity import pruning
     from sparsefedpp.runtime.wire import codec
 
     net = models.build(model, num_classes=num_classes, width=width,

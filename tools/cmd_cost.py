@@ -11,15 +11,9 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from sparsefedpp.runtime import (
-    accounting,
-    activation_policy,
-    checkpoint,
-    models,
-    pruning,
-    softmax_cross_entropy,
-)
+from sparsefedpp.runtime import accounting, checkpoint, models, softmax_cross_entropy
 from sparsefedpp.runtime.errors import ConfigError
+from sparsefedpp.runtime.sparsity import activation_policy, pruning
 
 from .flags import add_common
 

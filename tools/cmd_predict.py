@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numba
 import numpy as np
-from sparsefedpp.runtime import checkpoint, inference, pruning
+from sparsefedpp.runtime import checkpoint, inference
 from sparsefedpp.runtime.errors import CheckpointError, ConfigError
+from sparsefedpp.runtime.sparsity import pruning
 from sparsefedpp.trainer.data import Dataset, batches, load_dataset
 
 from .flags import add_common, onnx_exporter

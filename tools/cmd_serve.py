@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 from sparsefedpp.runtime.errors import ConfigError
-from sparsefedpp.server.mqtt_service import Aggregator, ServiceConfig
+from sparsefedpp.server.mqtt_service import Aggregator
+from sparsefedpp.server.service_config import ServiceConfig
 from sparsefedpp.trainer.data import load_dataset
 
 from .flags import add_broker_flags, add_common, broker_settings, setup_logging

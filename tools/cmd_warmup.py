@@ -32,7 +32,8 @@ def exercise() -> None:
     """One tiny train step per model, dense and sparse (weights 99 %, activations
     10 %), so every code path a round takes has run once."""
     import numpy as np
-    from sparsefedpp.runtime import activation_policy, losses, models, pruning
+    from sparsefedpp.runtime import losses, models
+    from sparsefedpp.runtime.sparsity import activation_policy, pruning
 
     rng = np.random.default_rng(0)
     for name, width in (("cnn", 1.0), ("resnet8", 0.25)):

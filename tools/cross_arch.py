@@ -45,9 +45,9 @@ PACKAGE_DIRS = {"runtime": "runtime", "trainer": "trainer", "server": "server",
 def _step(case: tuple) -> dict:
     """One case: build, prune, encode the state, then one train-mode forward/backward."""
     import numpy as np
-    from sparsefedpp.runtime import pruning
     from sparsefedpp.runtime.losses import softmax_cross_entropy
     from sparsefedpp.runtime.models import build
+    from sparsefedpp.runtime.sparsity import pruning
     from sparsefedpp.runtime.wire import codec
 
     key, name, width, sparsity, kernel = case

@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
-from sparsefedpp.runtime import pruning
-from sparsefedpp.runtime.batchnorm import BatchNorm2d
 from sparsefedpp.runtime.errors import ConfigError
 from sparsefedpp.runtime.inference import bn_scale_shift
 from sparsefedpp.runtime.layers import Conv2d, Flatten, Layer, Linear, ReLU
-from sparsefedpp.runtime.model import BasicBlock, Sequential
-from sparsefedpp.runtime.pooling import GlobalAvgPool2d, MaxPool2d
+from sparsefedpp.runtime.layers.batchnorm import BatchNorm2d
+from sparsefedpp.runtime.layers.containers import BasicBlock, Sequential
+from sparsefedpp.runtime.layers.pooling import GlobalAvgPool2d, MaxPool2d
+from sparsefedpp.runtime.sparsity import pruning
 
 INPUT = "input"
 OUTPUT = "logits"

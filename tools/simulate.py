@@ -42,8 +42,9 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from sparsefedpp.runtime import models, pruning
+from sparsefedpp.runtime import models
 from sparsefedpp.runtime.errors import ConfigError
+from sparsefedpp.runtime.sparsity import pruning
 from sparsefedpp.runtime.wire import codec
 from sparsefedpp.runtime.wire.checks import tensors_problem
 from sparsefedpp.runtime.wire.protocol import client_seed

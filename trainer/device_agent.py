@@ -143,10 +143,9 @@ class DeviceAgent:
 
     def _status(self, state: str, rnd: int | None = None, detail: str = "") -> None:
         if self._mqtt.connected.is_set():
-            self._mqtt.paho.publish(self.topics.status(self.config.device_id),
-                                    protocol.control("status", state=state, round=rnd,
-                                                     detail=detail[:500]),
-                                    qos=1, retain=True)
+            self._mqtt.publish(self.topics.status(self.config.device_id),
+                               protocol.control("status", state=state, round=rnd,
+                                                detail=detail[:500]), retain=True)
 
     # ---------------------------------------------------------------- main loop
     def run(self) -> int:
@@ -169,8 +168,7 @@ class DeviceAgent:
                 self._handle(topic, payload)
         finally:
             if mqtt.connected.is_set():
-                info = mqtt.paho.publish(t.status(c.device_id), protocol.OFFLINE, qos=1,
-                                         retain=True)
+                info = mqtt.publish(t.status(c.device_id), protocol.OFFLINE, retain=True)
                 info.wait_for_publish(5)
             mqtt.stop()
         return self.rounds_trained
@@ -215,7 +213,7 @@ class DeviceAgent:
                 self._stored_round() != ann["round"] and (
                 self._model is None or
                 protocol.digest_of(self._model) != ann["model"]["digest"]):
-            self._mqtt.paho.subscribe(self.topics.model("+"), qos=1)
+            self._mqtt.subscribe(self.topics.model("+"))
         self._maybe_resend(force=True)
 
     def _on_server(self, payload: bytes) -> None:
@@ -252,11 +250,11 @@ class DeviceAgent:
                 ann["model"]["digest"]:
             self._train(self._model)
         else:
-            self._mqtt.paho.subscribe(self.topics.model("+"), qos=1)
+            self._mqtt.subscribe(self.topics.model("+"))
 
     def _unsubscribe_model(self) -> None:
         if self._mqtt.connected.is_set():
-            self._mqtt.paho.unsubscribe(self.topics.model("+"))
+            self._mqtt.unsubscribe(self.topics.model("+"))
 
     def _on_model_chunk(self, payload: bytes) -> None:
         if not payload or self._round is None:

@@ -11,8 +11,8 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-from sparsefedpp.runtime import activation_policy
 from sparsefedpp.runtime.errors import ConfigError
+from sparsefedpp.runtime.sparsity import activation_policy
 
 from .data import Dataset
 from .local import TrainConfig, train_epochs

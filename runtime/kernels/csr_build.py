@@ -67,7 +67,7 @@ def csr_of_weight(v: np.ndarray, alpha: float = 1.0, counts: np.ndarray | None =
     """(data, indices, indptr) of w = v|v|^(alpha-1) without forming dense w.
 
     ``v`` is a weight (O, C, kh, kw) or (O, I) float32; the matrix is O x rest, as
-    ``sparse.to_csr``. Zeros of v are zeros of w, so only the nonzeros are raised to
+    ``sparsity.csr.to_csr``. Zeros of v are zeros of w, so only the nonzeros are raised to
     the power: one pass over v (two without ``counts`` from weight_row_nnz),
     parallel over rows.
     """

@@ -1,6 +1,6 @@
 """The gather kernel of every CSR-weight op (conv and linear, forward and grad_input).
 
-Weights arrive as SciPy-named CSR arrays (``runtime/sparse.py``): ``data`` f4,
+Weights arrive as SciPy-named CSR arrays (``runtime/sparsity/csr.py``): ``data`` f4,
 ``indices`` i4, ``indptr`` i8, a conv weight (O, C, kh, kw) as the O x (C*kh*kw)
 matrix with column ``c*kh*kw + i*kw + j``; ``csr_args`` checks them once per call.
 
@@ -57,7 +57,7 @@ import numba as nb
 import numpy as np
 
 from ..errors import ConfigError, DTypeError
-from ..sparse import check_csr
+from ..sparsity.csr import check_csr
 from . import conv_planes
 from .config import JIT_PARALLEL_FASTMATH, kernel
 from .conv_planes import VL

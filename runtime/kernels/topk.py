@@ -1,6 +1,6 @@
 """The kept set of a sparse activation (SWAT): top-k threshold and compression.
 
-``runtime/sparse_activation.py`` holds the container and the policy; these are its
+``runtime/sparsity/activations.py`` holds the container and the policy; these are its
 kernels. Contract: every array is C-contiguous; activations are float32 and viewed
 flat (the C-order index of x[n, c, h, w] is ((n*C + c)*H + h)*W + w); kept
 positions are int32 flat indices in increasing order, or a ``np.packbits`` bitmap

@@ -204,8 +204,8 @@ def publish_confirmed(client, connected: threading.Event, topic: str, payload: b
 class QueuedClient:
     """The aggregator's and the device's connection: a paho client whose callbacks
     only record. Each message goes to ``events`` as (topic, payload, retained);
-    each (re)connect renews ``subscriptions`` (QoS 1), runs
-    ``on_connected(paho)`` and then queues (CONNECTED, b"", False), so the
+    each (re)connect renews ``subscriptions`` (QoS 1), runs ``on_connected(paho)``
+    and, once the broker has granted the subscriptions, queues (CONNECTED, b"", False), so the
     owner's one thread does all the work. ``connected`` is set while the
     connection is up; ``log`` is the owner's logger (connects, refusals, lost
     connections).
@@ -235,6 +235,8 @@ class QueuedClient:
         self.paho.on_connect = self._on_connect
         self.paho.on_disconnect = self._on_disconnect
         self.paho.on_message = self._on_message
+        self.paho.on_subscribe = self._on_subscribe
+        self._suback_mid: int | None = None
 
     def start(self, timeout: float | None) -> None:
         """Connect in the background; with a timeout, wait for the first CONNACK
@@ -248,6 +250,17 @@ class QueuedClient:
         publish_confirmed(self.paho, self.connected, topic, payload, retain=retain,
                           timeout=timeout)
 
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False):
+        """Publish at QoS 1 without waiting for the PUBACK (paho's MessageInfo)."""
+        return self.paho.publish(topic, payload, qos=1, retain=retain)
+
+    def subscribe(self, topic: str) -> None:
+        """Subscribe at QoS 1 for this connection (not renewed on a reconnect)."""
+        self.paho.subscribe(topic, qos=1)
+
+    def unsubscribe(self, topic: str) -> None:
+        self.paho.unsubscribe(topic)
+
     def stop(self) -> None:
         self._stopping = True
         self.paho.disconnect()
@@ -260,12 +273,29 @@ class QueuedClient:
             return
         from paho.mqtt.subscribeoptions import SubscribeOptions
 
-        client.subscribe([
-            (topic, SubscribeOptions(qos=1, noLocal=True, retainAsPublished=True)
-             if topic in self._watched else SubscribeOptions(qos=1))
-            for topic in self._subscriptions])
+        # ready on the SUBACK, not before: a message another client publishes
+        # meanwhile would otherwise arrive from the retained store, flagged retained
+        self._suback_mid = None
+        if self._subscriptions:
+            _, self._suback_mid = client.subscribe([
+                (topic, SubscribeOptions(qos=1, noLocal=True, retainAsPublished=True)
+                 if topic in self._watched else SubscribeOptions(qos=1))
+                for topic in self._subscriptions])
         if self._on_connected is not None:
             self._on_connected(client)
+        if self._suback_mid is None:
+            self._ready()
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties):
+        if mid != self._suback_mid:
+            return  # a later subscribe of the owner's (``subscribe``)
+        refused = [str(rc) for rc in reason_codes if rc.is_failure]
+        if refused:
+            self._log.error("broker refused subscriptions %s: %s",
+                            self._subscriptions, ", ".join(refused))
+        self._ready()
+
+    def _ready(self) -> None:
         self.connected.set()
         self.events.put((CONNECTED, b"", False))
         self._log.info("connected to %s", self.settings.url)

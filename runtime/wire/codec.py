@@ -14,7 +14,7 @@ are scanned once, on arrival, and the aggregator's later checks trust that.
 Tensors: float32 (any shape) or int64 (e.g. ``num_batches_tracked``). A float32
 tensor with ndim >= 2 may travel as CSR of its 2-D view rows x cols, rows =
 shape[0], cols = prod(shape[1:]) (a conv weight (O, C, kh, kw) is O x C*kh*kw, as
-``sparse.to_csr``); 1-D, 0-D and int64 tensors always travel dense. ``decode``
+``sparsity.csr.to_csr``); 1-D, 0-D and int64 tensors always travel dense. ``decode``
 returns dense, writable, C-contiguous arrays of the original shapes and dtypes,
 bit-exact for f32 values (except that a ``-0.0`` sent as CSR comes back ``+0.0``).
 

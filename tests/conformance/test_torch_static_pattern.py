@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from sparsefedpp.runtime import SGD, Conv2d, Linear, build, pruning, softmax_cross_entropy
+from sparsefedpp.runtime import SGD, Conv2d, Linear, build, softmax_cross_entropy
+from sparsefedpp.runtime.sparsity import pruning
 
 torch = pytest.importorskip("torch")  # under CI=true tests/conftest.py fails this
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from sparsefedpp.runtime import inference, models, pruning
+from sparsefedpp.runtime import inference, models
 from sparsefedpp.runtime.errors import StateError
 from sparsefedpp.runtime.layers import ReLU
+from sparsefedpp.runtime.sparsity import pruning
 
 pytestmark = pytest.mark.device
 

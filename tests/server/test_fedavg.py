@@ -8,8 +8,9 @@ import logging
 
 import numpy as np
 import pytest
-from sparsefedpp.runtime import models, pruning
+from sparsefedpp.runtime import models
 from sparsefedpp.runtime.errors import ConfigError
+from sparsefedpp.runtime.sparsity import pruning
 from sparsefedpp.server.aggregate import weighted_mean
 from sparsefedpp.server.fedavg import FedAvg
 from sparsefedpp.server.strategy import ClientInstruction, ClientResult, Strategy

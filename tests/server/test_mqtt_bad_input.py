@@ -34,7 +34,7 @@ import pytest
 from sparsefedpp.runtime.errors import CodecError
 from sparsefedpp.runtime.wire import codec, protocol
 from sparsefedpp.runtime.wire.codec import Encoding, Message
-from sparsefedpp.server.mqtt_service import update_problem
+from sparsefedpp.server.arrival import update_problem
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from fedproc import Federation, make_shards, require_cifar, write_config

@@ -28,13 +28,9 @@ from sparsefedpp.runtime.wire import codec, protocol
 from sparsefedpp.runtime.wire.broker import BrokerSettings
 from sparsefedpp.runtime.wire.codec import Message
 from sparsefedpp.server import mqtt_service
-from sparsefedpp.server.mqtt_service import (
-    ALREADY_COUNTED,
-    Aggregator,
-    ServiceConfig,
-    metrics_problem,
-    update_problem,
-)
+from sparsefedpp.server.arrival import metrics_problem, update_problem
+from sparsefedpp.server.mqtt_service import ALREADY_COUNTED, Aggregator
+from sparsefedpp.server.service_config import ServiceConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from fedproc import Federation, make_shards, require_cifar, write_config
@@ -56,6 +52,9 @@ class FakeMqtt:
         self.paho = FakePaho()
         self.events: queue.Queue = queue.Queue()
         self.connected = threading.Event()
+
+    def publish(self, topic, payload, *, retain=False):  # as QueuedClient.publish
+        self.paho.publish(topic, payload, qos=1, retain=retain)
 
     def acks(self, device: str) -> list[dict]:
         return [protocol.parse_control(p, "ack") for t, p, _ in self.paho.published

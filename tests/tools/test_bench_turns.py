@@ -15,8 +15,8 @@ from sparsefedpp.tools import cli, cmd_bench_memory, cmd_bench_sparse
 from sparsefedpp.tools.bench import procs as bench_procs
 from sparsefedpp.tools.bench import profile_step
 from sparsefedpp.tools.bench import report as bench_report
-from sparsefedpp.tools.metrics import read_metrics
 from sparsefedpp.tools.bench.timing import ratio_spread, take_turns, turn_ratios
+from sparsefedpp.tools.metrics import read_metrics
 
 TINY = ["--batch-size", "4", "--width", "0.25"]
 
@@ -298,7 +298,8 @@ def test_bench_sparse_bad_flags(capsys):
 
 
 def test_bench_memory_optimizer_bytes_count_pattern_momentum_as_values():
-    from sparsefedpp.runtime import losses, models, pruning
+    from sparsefedpp.runtime import losses, models
+    from sparsefedpp.runtime.sparsity import pruning
     from sparsefedpp.tools.bench.memory_worker import optimizer_bytes
 
     model = models.build("resnet8", width=0.25, alpha=1.25, seed=0)

@@ -13,11 +13,12 @@ import pytest
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from sparsefedpp.runtime import checkpoint, pruning
-from sparsefedpp.runtime.batchnorm import BatchNorm2d
+from sparsefedpp.runtime import checkpoint
 from sparsefedpp.runtime.errors import CheckpointError, ConfigError
 from sparsefedpp.runtime.layers import Conv2d, Layer
+from sparsefedpp.runtime.layers.batchnorm import BatchNorm2d
 from sparsefedpp.runtime.models import build
+from sparsefedpp.runtime.sparsity import pruning
 from sparsefedpp.tools import cmd_export, onnx_export
 from sparsefedpp.tools.cli import main
 from sparsefedpp.tools.cmd_predict import ort_session

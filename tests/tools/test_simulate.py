@@ -8,7 +8,8 @@ import json
 
 import numpy as np
 import pytest
-from sparsefedpp.runtime import checkpoint, pruning
+from sparsefedpp.runtime import checkpoint
+from sparsefedpp.runtime.sparsity import pruning
 from sparsefedpp.tools import cli
 from sparsefedpp.tools.metrics import read_metrics
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from sparsefedpp.runtime import models, pruning
+from sparsefedpp.runtime import models
 from sparsefedpp.runtime.errors import ConfigError
+from sparsefedpp.runtime.sparsity import pruning
 from sparsefedpp.trainer import data as D
 from sparsefedpp.trainer.local_round import LocalConfig, local_round
 from sparsefedpp.trainer.methods import MethodConfig, default_alpha

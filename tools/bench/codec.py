@@ -22,7 +22,8 @@ import sys
 import time
 
 import numpy as np
-from sparsefedpp.runtime import models, pruning
+from sparsefedpp.runtime import models
+from sparsefedpp.runtime.sparsity import pruning
 from sparsefedpp.runtime.wire import codec
 
 

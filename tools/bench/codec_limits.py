@@ -36,8 +36,9 @@ import tracemalloc
 import zlib
 
 import numpy as np
-from sparsefedpp.runtime import models, pruning
+from sparsefedpp.runtime import models
 from sparsefedpp.runtime.errors import CodecError
+from sparsefedpp.runtime.sparsity import pruning
 from sparsefedpp.runtime.wire import codec
 
 PIECE_IN = codec.INFLATE_INPUT_PIECE

@@ -125,7 +125,7 @@ def _crossover(densities, ratios) -> str:
 
 
 def bench_shape(shape, batch, reps, densities, rng, stat="median", path="auto"):
-    from sparsefedpp.runtime.sparse import to_csr
+    from sparsefedpp.runtime.sparsity.csr import to_csr
 
     make = _conv_calls if len(shape) == 6 else _linear_calls
     dense_f, dense_g, csr_f, csr_g, wshape, ref = make(shape, batch, rng, path)

@@ -52,7 +52,7 @@ def optimizer_bytes(model, momentum: float) -> int:
     dense buffer for every other parameter."""
     if not momentum:
         return 0
-    from sparsefedpp.runtime import static_pattern
+    from sparsefedpp.runtime.sparsity import static_pattern
 
     nbytes = 0
     for p in model.params().values():
@@ -65,7 +65,8 @@ def optimizer_bytes(model, momentum: float) -> int:
 def ours(args, phases: dict, out: dict) -> None:
     import numba  # noqa: F401
     phases["framework"] = rss_mb()
-    from sparsefedpp.runtime import accounting, models, pruning
+    from sparsefedpp.runtime import accounting, models
+    from sparsefedpp.runtime.sparsity import pruning
     from sparsefedpp.tools.kernel_cache import process_age, report
     from sparsefedpp.trainer.data import load_npz
     from sparsefedpp.trainer.local_round import LocalConfig, local_round

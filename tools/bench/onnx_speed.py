@@ -26,11 +26,12 @@ from functools import partial
 
 import numba
 import numpy as np
-from sparsefedpp.runtime import inference, pruning
+from sparsefedpp.runtime import inference
 from sparsefedpp.runtime.models import build
+from sparsefedpp.runtime.sparsity import pruning
+from sparsefedpp.tools.bench.timing import paired_ratio, time_interleaved
 from sparsefedpp.tools.cmd_predict import ort_session
 from sparsefedpp.tools.onnx_export import build_onnx
-from sparsefedpp.tools.bench.timing import paired_ratio, time_interleaved
 
 SPARSITIES = (0.9, 0.99, 0.999)
 

@@ -24,16 +24,7 @@ import json
 import time
 
 import numpy as np
-from sparsefedpp.runtime import (
-    SGD,
-    activation_policy,
-    models,
-    pruning,
-    softmax_cross_entropy,
-)
-from sparsefedpp.runtime import layers as layers_module
-from sparsefedpp.runtime import static_pattern
-from sparsefedpp.runtime.batchnorm import BatchNorm2d
+from sparsefedpp.runtime import SGD, models, softmax_cross_entropy
 from sparsefedpp.runtime.kernels import (
     conv,
     csr_build,
@@ -41,7 +32,13 @@ from sparsefedpp.runtime.kernels import (
     csr_linear,
     sparse_grad,
 )
-from sparsefedpp.runtime.sparse_activation import ActivationSparsifier, SparseActivations
+from sparsefedpp.runtime.layers import powerprop
+from sparsefedpp.runtime.layers.batchnorm import BatchNorm2d
+from sparsefedpp.runtime.sparsity import activation_policy, pruning, static_pattern
+from sparsefedpp.runtime.sparsity.activations import (
+    ActivationSparsifier,
+    SparseActivations,
+)
 
 FUSED = "BatchNorm+ReLU(+residual add) fused"
 #: (owner, attribute) -> kind: the kernels and helpers conv/linear layers call,
@@ -59,7 +56,7 @@ KERNELS = {
     (static_pattern, "conv_grad"): "conv/linear grad weight kernel",
     (static_pattern, "linear_grad"): "conv/linear grad weight kernel",
     (static_pattern.StaticPattern, "values"): "weight prep (Powerprop, CSR)",
-    (layers_module.powerprop, "effective_weight"): "weight prep (Powerprop, CSR)",
+    (powerprop, "effective_weight"): "weight prep (Powerprop, CSR)",
     (csr_build, "csr_of_weight"): "weight prep (Powerprop, CSR)",
     (csr_build, "weight_row_nnz"): "weight prep (Powerprop, CSR)",
     (ActivationSparsifier, "compress"): "top-k/compress kept activations",

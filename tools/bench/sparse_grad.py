@@ -35,7 +35,7 @@ KEEPS = (1.0, 0.5, 0.1, 0.05, 0.01, 0.001)
 def bench_shape(shape, batch: int, keeps, reps: int, rng) -> list[str]:
     """Table rows (strings) of one conv shape."""
     from sparsefedpp.runtime.kernels import conv, geometry, sparse_grad
-    from sparsefedpp.runtime.sparse_activation import (
+    from sparsefedpp.runtime.sparsity.activations import (
         ActivationSparsifier,
         topk_threshold,
     )

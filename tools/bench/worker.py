@@ -279,7 +279,8 @@ def task_sparse(fw, args) -> dict:
     Times train steps and inference (kernels picked automatically, then forced
     dense), and reads the cost report of one step and the peak RSS.
     """
-    from sparsefedpp.runtime import accounting, pruning
+    from sparsefedpp.runtime import accounting
+    from sparsefedpp.runtime.sparsity import pruning
 
     s = args.sparsity
     x, y = prepare_sparse(fw, args)
@@ -328,7 +329,7 @@ def setup_speed(fw, args) -> tuple[dict, dict]:
 def prepare_sparse(fw, args):
     """Our model at sparsity S as ``task_sparse`` describes; returns the batch."""
     rt = fw.rt
-    from sparsefedpp.runtime import activation_policy, pruning
+    from sparsefedpp.runtime.sparsity import activation_policy, pruning
 
     s = args.sparsity
     fw.model = rt.build(args.model, alpha=args.alpha, width=args.width,
@@ -346,7 +347,8 @@ def setup_sparse(fw, args) -> tuple[dict, dict]:
     """``--serve sparse``: train, inference with the automatic kernels and with the
     dense ones (``infer_dense`` switches every conv/linear to its dense kernel for
     the call); the ready record holds the cost report of one train step."""
-    from sparsefedpp.runtime import accounting, pruning
+    from sparsefedpp.runtime import accounting
+    from sparsefedpp.runtime.sparsity import pruning
 
     x, y = prepare_sparse(fw, args)
     for _ in range(max(1, args.warmup)):

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sparsefedpp.runtime import activation_policy, pruning
 from sparsefedpp.runtime.errors import ConfigError
+from sparsefedpp.runtime.sparsity import activation_policy, pruning
 
 
 @dataclass(frozen=True)

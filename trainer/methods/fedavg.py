@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from sparsefedpp.runtime import pruning
 from sparsefedpp.runtime.errors import ConfigError
+from sparsefedpp.runtime.sparsity import pruning
 
 from .base import Method, MethodConfig
 

@@ -5,7 +5,7 @@ per round; after training, one global magnitude pruning to the target."""
 
 from __future__ import annotations
 
-from sparsefedpp.runtime import activation_policy
+from sparsefedpp.runtime.sparsity import activation_policy
 
 from .base import Method, MethodConfig
 

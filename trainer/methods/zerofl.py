@@ -5,7 +5,7 @@ each layer's weights (per layer, as SWAT-U: the same sparsity everywhere)."""
 
 from __future__ import annotations
 
-from sparsefedpp.runtime import activation_policy
+from sparsefedpp.runtime.sparsity import activation_policy
 
 from .base import Method, MethodConfig
 

@@ -22,7 +22,7 @@ from sparsefedpp.runtime.kernels import (
     csr_transpose,
 )
 from sparsefedpp.runtime.kernels import reference as ref
-from sparsefedpp.runtime.sparse import to_csr
+from sparsefedpp.runtime.sparsity.csr import to_csr
 
 pytestmark = pytest.mark.device  # part of the emulated-ARM subset (.ci/aarch64.sh)
 
@@ -384,7 +384,7 @@ def test_csr_linear_rejects_mismatched_shapes():
 @pytest.mark.parametrize("alpha", [1.0, 1.25, 1.5, 2.0, 3.0])
 @pytest.mark.parametrize("density", [0.0, 0.01, 0.3, 1.0])
 def test_csr_of_weight_equals_to_csr_of_the_effective_weight(alpha, density):
-    from sparsefedpp.runtime import powerprop
+    from sparsefedpp.runtime.layers import powerprop
 
     rng = np.random.default_rng(int(alpha * 100 + density * 10))
     v = rng.standard_normal((12, 5, 3, 3)).astype(np.float32)

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from sparsefedpp.runtime.kernels import config, pool
 
-
 STEP = """
 import json, sys, numpy as np
-from sparsefedpp.runtime import losses, models, pruning
+from sparsefedpp.runtime import losses, models
+from sparsefedpp.runtime.sparsity import pruning
 from sparsefedpp.tools.kernel_cache import load_all, report
 before = report()
 if sys.argv[1] == "eager":

@@ -9,7 +9,7 @@ import itertools
 import numpy as np
 import pytest
 from sparsefedpp.runtime.kernels import reference as ref
-from sparsefedpp.runtime.sparse import to_csr
+from sparsefedpp.runtime.sparsity.csr import to_csr
 
 pytestmark = pytest.mark.device  # part of the emulated-ARM subset (.ci/aarch64.sh)
 

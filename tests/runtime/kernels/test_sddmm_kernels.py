@@ -1,7 +1,7 @@
 """The fixed-pattern gradient kernels (runtime/kernels/sddmm.py) against their
 NumPy references (runtime/kernels/reference.py): values within the float32 bound
 of kernel_checks.py, multiply-adds exactly. The layer-level behaviour is in
-tests/runtime/test_static_pattern.py."""
+tests/runtime/sparsity/test_static_pattern.py."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from kernel_checks import assert_close, f8
 from sparsefedpp.runtime.kernels import reference as ref
 from sparsefedpp.runtime.kernels import sddmm
-from sparsefedpp.runtime.sparse import to_csr
+from sparsefedpp.runtime.sparsity.csr import to_csr
 
 pytestmark = pytest.mark.device  # part of the emulated-ARM subset (.ci/aarch64.sh)
 

@@ -20,8 +20,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sparsefedpp.runtime import models, pruning
+from sparsefedpp.runtime import models
 from sparsefedpp.runtime.errors import CodecError, ConfigError
+from sparsefedpp.runtime.sparsity import pruning
 from sparsefedpp.runtime.wire import codec
 from sparsefedpp.runtime.wire.codec import ENCODINGS, Encoding, Message, decode, encode
 

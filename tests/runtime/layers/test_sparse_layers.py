@@ -13,13 +13,15 @@ from sparsefedpp.runtime import (
     Conv2d,
     Linear,
     accounting,
-    activation_policy,
     models,
-    pruning,
     softmax_cross_entropy,
 )
 from sparsefedpp.runtime.kernels import conv
-from sparsefedpp.runtime.sparse_activation import ActivationSparsifier, SparseActivations
+from sparsefedpp.runtime.sparsity import activation_policy, pruning
+from sparsefedpp.runtime.sparsity.activations import (
+    ActivationSparsifier,
+    SparseActivations,
+)
 
 pytestmark = pytest.mark.device  # part of the emulated-ARM subset (.ci/aarch64.sh)
 

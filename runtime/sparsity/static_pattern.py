@@ -9,7 +9,7 @@ v, computes dw/dv, the weight gradient (kernels/sddmm.py) and the SGD update
 at the pattern: O(nnz) instead of O(weight size).
 
 The layer owns the pattern and drops it whenever v may change from outside
-training (load_state_dict and freeze/unfreeze via ``_Weighted.unfreeze``, a new
+training (load_state_dict and freeze/unfreeze via ``WeightedLayer.unfreeze``, a new
 weight array, a kernel, alpha or weight_keep change). The optimizer finds a
 parameter's layer with ``owner_of`` (the optimizer only sees arrays).
 
@@ -30,7 +30,7 @@ import weakref
 
 import numpy as np
 
-from .kernels import conv, csr_build, sddmm, sparse_grad
+from ..kernels import conv, csr_build, sddmm, sparse_grad
 
 #: entries of a layer's weight gradient: "zero" (all zeros), "dense" (anywhere),
 #: or a StaticPattern (zero outside it)

@@ -6,10 +6,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .arrays import Where, as_f32, check_ndim
-from .errors import ConfigError, ShapeError, StateError
-from .kernels import norm
-from .layers import Layer, keeps_cache
+from ..arrays import Where, as_f32, check_ndim
+from ..errors import ConfigError, ShapeError, StateError
+from ..kernels import norm
+from .base import Layer, keeps_cache
 
 
 class _FusedCache(NamedTuple):

@@ -40,8 +40,8 @@ import math
 import numba as nb
 import numpy as np
 
-from .errors import ConfigError, DTypeError, ShapeError
-from .kernels import topk as kern
+from ..errors import ConfigError, DTypeError, ShapeError
+from ..kernels import topk as kern
 
 _ENCODINGS = ("auto", "indices", "bitmap")
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from sparsefedpp.runtime.errors import ConfigError, DTypeError, ShapeError
 from sparsefedpp.runtime.kernels import topk as kern
-from sparsefedpp.runtime.sparse_activation import (
+from sparsefedpp.runtime.sparsity.activations import (
     ActivationSparsifier,
     SparseActivations,
     compress,

@@ -253,7 +253,7 @@ def test_backward_without_input_grad_leaves_the_same_parameter_grads(name):
 
 def test_zero_grad_clears_every_gradient_after_a_step():
     model = build("resnet8", width=0.25, alpha=1.25, seed=2)
-    from sparsefedpp.runtime import pruning
+    from sparsefedpp.runtime.sparsity import pruning
     pruning.prune(model, 0.9)
     x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
     logits = model.forward(x, train=True)
@@ -279,7 +279,7 @@ def _plain_init_weight(shape, fan_in, alpha, rng):
 @pytest.mark.parametrize("alpha", [1.0, 1.25, 2.0, 3.0])
 @pytest.mark.parametrize("shape", [(64, 32, 3, 3), (10, 64), (7,)])
 def test_in_place_init_is_the_same_bits_as_the_plain_expression(alpha, shape):
-    from sparsefedpp.runtime import powerprop
+    from sparsefedpp.runtime.layers import powerprop
 
     fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 3
     got = powerprop.init_weight(shape, fan_in, alpha, np.random.default_rng(5))

@@ -1,4 +1,10 @@
-"""CSR storage of conv and linear weights: the CSRMatrix dataclass, to_csr/from_csr.
+"""CSR storage of conv and linear weights: the one CSR type, CSRMatrix, and to_csr/from_csr.
+
+Every CSR in the engine is a CSRMatrix: the wire's (validated, ``to_csr``), a
+layer's per-step weight (``CSRMatrix.of_weight``, built by one kernel pass) and a
+frozen layer's (``CSRMatrix.trusted`` over arrays a kernel just produced, so the hot
+path skips the O(nnz) check). All are built by the same kernel,
+``kernels.csr_build.csr_of_weight``.
 
 Convention (DESIGN.md, "Communication"): a conv weight (O, C, kh, kw) is stored as
 the 2-D O x (C*kh*kw) matrix, column ``c*kh*kw + i*kw + j``; a linear weight
@@ -16,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import ConfigError, DTypeError, ShapeError
+from ..errors import ConfigError, DTypeError, ShapeError
 
 _DTYPES = (("data", np.float32), ("indices", np.int32), ("indptr", np.int64))
 
@@ -110,6 +116,42 @@ class CSRMatrix:
         object.__setattr__(self, "dense_shape", tuple(int(s) for s in dense))
         self.check()
 
+    @classmethod
+    def trusted(cls, data: np.ndarray, indices: np.ndarray, indptr: np.ndarray,
+                shape: tuple, dense_shape: tuple | None = None) -> CSRMatrix:
+        """A CSRMatrix over arrays a kernel built (valid by construction), without
+        the O(nnz) validation: for the per-step path. Call ``check()`` to validate."""
+        m = object.__new__(cls)
+        shape = tuple(int(s) for s in shape)
+        for name, value in (("data", data), ("indices", indices), ("indptr", indptr),
+                            ("shape", shape),
+                            ("dense_shape", shape if dense_shape is None
+                             else tuple(int(s) for s in dense_shape))):
+            object.__setattr__(m, name, value)
+        return m
+
+    @classmethod
+    def of_weight(cls, v: np.ndarray, alpha: float = 1.0,
+                  counts: np.ndarray | None = None) -> CSRMatrix:
+        """CSR of the effective weight w = v|v|^(alpha-1) of a conv (O, C, kh, kw) or
+        linear (O, I) float32 ``v``, in one kernel pass and without forming dense w
+        (``counts``: nonzeros per row, if already known)."""
+        from ..kernels.csr_build import csr_of_weight  # kernels import this module
+
+        rows = int(v.shape[0])
+        if v.size == 0:  # the kernel cannot reshape an empty (rows, -1)
+            data, indices = np.empty(0, np.float32), np.empty(0, np.int32)
+            indptr = np.zeros(rows + 1, np.int64)
+        else:
+            data, indices, indptr = csr_of_weight(v, alpha, counts)
+        return cls.trusted(data, indices, indptr,
+                           (rows, int(np.prod(v.shape[1:]))), v.shape)
+
+    def with_data(self, data: np.ndarray) -> CSRMatrix:
+        """The same structure with other values (e.g. rows scaled by BatchNorm)."""
+        return CSRMatrix.trusted(data, self.indices, self.indptr, self.shape,
+                                 self.dense_shape)
+
     def check(self) -> None:
         """Validate the arrays (``check_csr``) and that dense_shape fits shape."""
         check_csr(self.data, self.indices, self.indptr, self.shape)
@@ -163,13 +205,9 @@ def to_csr(a: np.ndarray) -> CSRMatrix:
     if arr.ndim not in (2, 4):
         raise ShapeError(f"to_csr: expected a 2-D (out, in) or 4-D (O, C, kh, kw) "
                          f"weight, got shape {arr.shape}")
-    cols = int(np.prod(arr.shape[1:]))
-    mat = np.ascontiguousarray(arr, dtype=np.float32).reshape(arr.shape[0], cols)
-    mask = mat != 0  # NaN != 0, so NaN is kept
-    indptr = np.zeros(mat.shape[0] + 1, dtype=np.int64)
-    np.cumsum(mask.sum(axis=1), out=indptr[1:])
-    indices = np.nonzero(mask)[1].astype(np.int32)  # row-major: sorted per row
-    return CSRMatrix(mat[mask], indices, indptr, mat.shape, arr.shape)
+    m = CSRMatrix.of_weight(np.ascontiguousarray(arr, dtype=np.float32))
+    m.check()
+    return m
 
 
 def from_csr(m: CSRMatrix) -> np.ndarray:

@@ -12,14 +12,12 @@ from sparsefedpp.runtime import (
     SGD,
     Conv2d,
     Linear,
-    activation_policy,
     inference,
     models,
-    pruning,
     softmax_cross_entropy,
 )
-from sparsefedpp.runtime import static_pattern
 from sparsefedpp.runtime.kernels import sddmm
+from sparsefedpp.runtime.sparsity import activation_policy, pruning, static_pattern
 
 # The emulated-ARM subset (.ci/aarch64.sh) runs every test here but only one
 # density of the two gradient grids: the whole grid took minutes under qemu.

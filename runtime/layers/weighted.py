@@ -1,24 +1,13 @@
-"""Layers with explicit forward/backward: Conv2d, Linear, ReLU, Flatten.
-
-Interface (every layer): ``forward(x, train, grad=None)``, ``backward(grad_out)``,
-``params()``, ``grads()``, ``buffers()``, ``children()``, ``zero_grad()``.
-``train`` selects training behaviour (batch statistics in BatchNorm); ``grad``
-(default: ``train``) says whether to keep what backward needs. A forward with
-``grad=False`` stores nothing, so inference holds no activations.
-Parameter gradients accumulate (``+=``) until ``zero_grad()``.
-"""
+"""The weighted layers, Conv2d and Linear: Powerprop weights and the sparse machinery."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import numpy as np
 
-from . import powerprop, static_pattern
-from .accounting import LayerCost, nbytes_of
-from .arrays import Where, as_f32, check_ndim
-from .errors import ConfigError, ShapeError, StateError
-from .kernels import (
+from ..accounting import nbytes_of
+from ..arrays import Where, as_f32, check_ndim
+from ..errors import ConfigError, ShapeError, StateError
+from ..kernels import (
     conv,
     csr_build,
     csr_conv,
@@ -27,94 +16,17 @@ from .kernels import (
     geometry,
     sparse_grad,
 )
-from .sparse_activation import ActivationSparsifier, SparseActivations
-from .static_pattern import DENSE, ZERO, StaticPattern
-
-
-class Layer:
-    """Base class: a layer without parameters, children or cache."""
-
-    _cache = None
-
-    def forward(self, x: np.ndarray, train: bool, grad: bool | None = None):
-        raise NotImplementedError
-
-    def backward(self, grad_out: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
-
-    def params(self) -> dict[str, np.ndarray]:
-        return {}
-
-    def grads(self) -> dict[str, np.ndarray]:
-        return {}
-
-    def buffers(self) -> dict[str, np.ndarray]:
-        return {}
-
-    def children(self) -> dict[str, Layer]:
-        return {}
-
-    def chains(self) -> list[list[Layer]]:
-        """Runs of children whose forward is exactly one after the other, each
-        taking the previous one's output alone (where freezing may fold a
-        BatchNorm or fuse a ReLU into the conv before it); none by default."""
-        return []
-
-    def zero_grad(self) -> None:
-        for g in self.grads().values():
-            g.fill(0.0)
-        for child in self.children().values():
-            child.zero_grad()
-
-    @property
-    def cost(self) -> LayerCost:
-        """Figures of the last forward/backward (see accounting.py)."""
-        cost = self.__dict__.get("_cost")
-        if cost is None:
-            cost = self._cost = LayerCost()
-        return cost
-
-    def _set_cache(self, cache, held: int | None = None, dense: int | None = None):
-        """Keep what backward needs (None: nothing) and record the bytes it holds."""
-        self._cache = cache
-        held = nbytes_of(cache) if held is None else held
-        self.cost.held_bytes = held
-        self.cost.dense_held_bytes = held if dense is None else dense
-
-    def _take_cache(self):
-        cache = self._cache
-        if cache is None:
-            raise StateError(f"{self!r}.backward: expected a cache from "
-                             "forward(x, train=True) (or grad=True), got none")
-        self._cache = None
-        return cache
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
-
-
-def keeps_cache(train: bool, grad: bool | None) -> bool:
-    """Whether a forward call must keep what backward needs."""
-    return train if grad is None else grad
-
+from ..sparsity import static_pattern
+from ..sparsity.activations import ActivationSparsifier, SparseActivations
+from ..sparsity.csr import CSRMatrix
+from ..sparsity.static_pattern import DENSE, ZERO, StaticPattern
+from . import powerprop
+from .base import Layer, keeps_cache
 
 KERNELS = ("auto", "dense", "csr")
 
 
-class _CSR(NamedTuple):
-    """A layer's CSR weight (O x rest) for one forward/backward, as kernels take it."""
-
-    data: np.ndarray
-    indices: np.ndarray
-    indptr: np.ndarray
-
-    @property
-    def nnz(self) -> int:
-        return int(self.data.size)
-
-
-
-class _Weighted(Layer):
+class WeightedLayer(Layer):
     """Shared parts of Conv2d and Linear: Powerprop weight ``v``, optional bias, and
     the sparse machinery.
 
@@ -128,7 +40,7 @@ class _Weighted(Layer):
     * ``kernel``: "auto" runs the CSR kernels when the weight density is below the
       measured crossover (kernels/density.py, ``prefer_csr``), "dense"/"csr" force one.
 
-    Static pattern (runtime/static_pattern.py): with alpha > 1, no ``weight_keep``
+    Static pattern (runtime/sparsity/static_pattern.py): with alpha > 1, no ``weight_keep``
     and ``kernel`` "csr" (or "auto" below static_pattern.MAX_DENSITY), the first
     training forward keeps the CSR structure of v's nonzeros; later ones gather
     only the values, backward computes the weight gradient only there
@@ -180,7 +92,7 @@ class _Weighted(Layer):
                 w = (w * scale.reshape((-1,) + (1,) * (w.ndim - 1))).astype(np.float32)
             else:
                 row = np.repeat(scale, np.diff(m.indptr))
-                m = _CSR((m.data * row).astype(np.float32), m.indices, m.indptr)
+                m = m.with_data((m.data * row).astype(np.float32))
             bias = (np.zeros(len(scale)) if bias is None else bias) * scale + shift
         self._frozen = (w, m, None if bias is None else bias.astype(np.float32))
         self._fused_relu = bool(relu)
@@ -192,7 +104,7 @@ class _Weighted(Layer):
         self._fused_relu = False
         self.invalidate_pattern()
 
-    # ---- static pattern (runtime/static_pattern.py) -----------------------------
+    # ---- static pattern (runtime/sparsity/static_pattern.py) -----------------------------
 
     def invalidate_pattern(self) -> None:
         """Forget the static pattern: the next training forward rebuilds it from v.
@@ -249,7 +161,9 @@ class _Weighted(Layer):
         static_pattern.register(self)  # every time: cheap, and right after a deepcopy
         data, dw_dv = pat.values(v)
         if self.kernel == "csr" or density.prefer_csr(pat.nnz / pat.size, self._kind):
-            return (None, dw_dv, _CSR(data, pat.indices, pat.indptr), pat), None
+            m = CSRMatrix.trusted(data, pat.indices, pat.indptr,
+                                 (v.shape[0], pat.size // v.shape[0]), v.shape)
+            return (None, dw_dv, m, pat), None
         w = np.zeros(v.shape, dtype=np.float32)  # e.g. Linear: dense forward
         w.reshape(-1)[pat.flat] = data
         return (w, dw_dv, None, pat), None
@@ -366,7 +280,7 @@ class _Weighted(Layer):
                 w = w * mask.reshape(w.shape)
             use_csr = self.kernel == "csr" or (
                 self.kernel == "auto" and density.prefer_csr(k / mag.size, self._kind))
-            m = _CSR(*csr_build.csr_of_weight(w)) if use_csr else None
+            m = CSRMatrix.of_weight(w) if use_csr else None
             return w, dw_dv, m, None
         use_csr = self.kernel == "csr"
         if self.kernel == "auto":
@@ -376,7 +290,7 @@ class _Weighted(Layer):
         if not use_csr:
             w, dw_dv = powerprop.effective_weight(v, self.alpha)
             return w, dw_dv, None, None
-        m = _CSR(*csr_build.csr_of_weight(v, self.alpha, counts))
+        m = CSRMatrix.of_weight(v, self.alpha, counts)
         w = dw_dv = None
         if backward and self.alpha != 1.0:
             dw_dv = powerprop.effective_weight(v, self.alpha)[1]
@@ -427,7 +341,7 @@ class _Weighted(Layer):
         self._grad_support = DENSE
 
 
-class Conv2d(_Weighted):
+class Conv2d(WeightedLayer):
     """2-D convolution, groups=1, optionally Powerprop (alpha > 1) and sparse.
 
     y[n, o] = sum_c w[o, c] (*) x[n, c] + b[o], with w = v|v|^(alpha-1).
@@ -531,7 +445,7 @@ class Conv2d(_Weighted):
                 f"padding={self.padding}, bias={self.bias is not None}{extra})")
 
 
-class Linear(_Weighted):
+class Linear(WeightedLayer):
     """Fully connected layer, optionally Powerprop and sparse: y = x @ w.T + b.
 
     x: (N, in_features) f4 -> y: (N, out_features) f4; weight ``v``: (out, in).
@@ -606,54 +520,3 @@ class Linear(_Weighted):
         extra = "" if self.alpha == 1.0 else f", alpha={self.alpha}"
         return (f"Linear({self.in_features}, {self.out_features}, "
                 f"bias={self.bias is not None}{extra})")
-
-
-class ReLU(Layer):
-    """max(x, 0); the cache is the boolean mask of positive inputs (1 byte each)."""
-
-    #: set by runtime.inference.freeze when the conv before it applies it: the eval
-    #: forward is then the identity
-    fused = False
-
-    def forward(self, x, train, grad=None, *, inplace: bool = False):
-        """``inplace``: the caller owns x and lets it be overwritten (one array
-        fewer per call)."""
-        if self.fused:
-            if keeps_cache(train, grad):
-                raise StateError("ReLU: fused into the conv before it for inference; "
-                                 "call runtime.inference.unfreeze(model) before "
-                                 "training")
-            return x
-        x = as_f32(x, "ReLU.forward")
-        if keeps_cache(train, grad):
-            self._set_cache(x > 0)
-        else:
-            self._set_cache(None)
-        # keeps NaN visible, as torch does
-        return np.maximum(x, np.float32(0.0), out=x if inplace else None)
-
-    def backward(self, grad_out):
-        mask = self._take_cache()
-        g = as_f32(grad_out, "ReLU.backward")
-        if g.shape != mask.shape:
-            raise ShapeError(f"ReLU.backward: expected grad_out of shape "
-                             f"{mask.shape}, got {tuple(g.shape)}")
-        return np.multiply(g, mask, dtype=np.float32)
-
-
-class Flatten(Layer):
-    """(N, ...) -> (N, prod(...)), as torch.flatten(x, 1)."""
-
-    def forward(self, x, train, grad=None):
-        x = as_f32(x, "Flatten.forward")
-        self._set_cache(x.shape if keeps_cache(train, grad) else None)
-        return x.reshape(x.shape[0], -1)
-
-    def backward(self, grad_out):
-        shape = self._take_cache()
-        g = as_f32(grad_out, "Flatten.backward")
-        want = (shape[0], int(np.prod(shape[1:])))
-        if g.shape != want:
-            raise ShapeError(f"Flatten.backward: expected grad_out of shape {want}, "
-                             f"got {tuple(g.shape)}")
-        return g.reshape(shape)

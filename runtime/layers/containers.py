@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from .arrays import as_f32
+from ..arrays import as_f32
+from ..errors import ShapeError
+from .base import Layer
 from .batchnorm import BatchNorm2d
-from .errors import ShapeError
-from .layers import Conv2d, Layer, ReLU
+from .pointwise import ReLU
+from .weighted import Conv2d
 
 
 def _walk(layer: Layer, prefix: str, pick):
@@ -102,7 +104,7 @@ class Module(Layer):
             checked[name] = src
         for name, src in checked.items():
             own[name][...] = src
-        from .inference import unfreeze  # a frozen inference copy is stale now
+        from ..inference import unfreeze  # a frozen inference copy is stale now
 
         unfreeze(self)
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .arrays import Where, as_f32, check_ndim
-from .errors import ConfigError, ShapeError
-from .kernels import pool
-from .layers import Layer, keeps_cache
+from ..arrays import Where, as_f32, check_ndim
+from ..errors import ConfigError, ShapeError
+from ..kernels import pool
+from .base import Layer, keeps_cache
 
 
 class MaxPool2d(Layer):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 # std of a standard normal truncated at +-2 std; dividing by it restores unit variance
 _TRUNC_STD = 0.87962566

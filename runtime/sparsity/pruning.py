@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import ConfigError
-from .layers import Conv2d, Linear
+from ..errors import ConfigError
+from ..layers import Conv2d, Linear
 
 SCOPES = ("global", "layer")
 

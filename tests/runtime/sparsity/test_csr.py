@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from sparsefedpp.runtime.errors import ConfigError, DTypeError, ShapeError
-from sparsefedpp.runtime.sparse import CSRMatrix, check_csr, from_csr, to_csr
+from sparsefedpp.runtime.sparsity.csr import CSRMatrix, check_csr, from_csr, to_csr
 
 pytestmark = pytest.mark.device  # part of the emulated-ARM subset (.ci/aarch64.sh)
 

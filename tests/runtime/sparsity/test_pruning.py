@@ -2,8 +2,9 @@
 
 import numpy as np
 import pytest
-from sparsefedpp.runtime import activation_policy, models, pruning
+from sparsefedpp.runtime import models
 from sparsefedpp.runtime.errors import ConfigError
+from sparsefedpp.runtime.sparsity import activation_policy, pruning
 
 
 def _all_weights(model):
@@ -173,7 +174,7 @@ def test_bad_floor_is_a_config_error(bad):
 
 @pytest.mark.parametrize("keep", [0, 1, 7, 50, 99, 100])
 def test_keep_mask_keeps_exactly_the_largest_with_ties_by_position(keep):
-    from sparsefedpp.runtime.pruning import _keep_mask
+    from sparsefedpp.runtime.sparsity.pruning import _keep_mask
 
     rng = np.random.default_rng(keep)
     mag = rng.integers(0, 5, 100).astype(np.float32)  # many ties

@@ -15,7 +15,7 @@ Each returns the kept fraction per layer, which is what the metrics record.
 
 from __future__ import annotations
 
-from .errors import ConfigError
+from ..errors import ConfigError
 from .pruning import prunable_layers, weight_sparsity
 
 POLICIES = ("dense", "fixed", "weight_driven")
