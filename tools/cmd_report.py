@@ -184,7 +184,8 @@ def plots(runs: list[dict], rows: list[dict], folder: Path) -> list[Path]:
         if values:
             mean = sum(values) / len(values)
             by_label.setdefault(label, []).append(
-                (sparsity, mean, max(values) - mean, mean - min(values)))
+                (sparsity, mean, max(max(values) - mean, 0.0),
+                 max(mean - min(values), 0.0)))  # equal seeds: rounding
     for label, pts in by_label.items():
         pts.sort()
         ax.errorbar([levels.index(s) for s, *_ in pts], [m for _, m, _, _ in pts],
@@ -200,18 +201,31 @@ def plots(runs: list[dict], rows: list[dict], folder: Path) -> list[Path]:
     fig.tight_layout()
     fig.savefig(made[-1], dpi=120)
     plt.close(fig)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    # one line per method and sparsity, the mean over its seeds at rounds that all
+    # evaluated (a line per run is unreadable past a few runs)
+    curves: dict[tuple, list[dict]] = {}
     for run, row in zip(runs, rows, strict=True):
-        pts = [(r["cum_bytes_up"], r["eval"]["accuracy"]) for r in run["rounds"]
-               if r.get("eval", {}).get("accuracy") is not None]
+        pts = {r["round"]: (r["cum_bytes_up"], r["eval"]["accuracy"])
+               for r in run["rounds"] if r.get("eval", {}).get("accuracy") is not None}
         if pts:
-            ax.plot([b / 1e6 for b, _ in pts], [a for _, a in pts], ".-",
-                    label=f"{_label(row)} {row['sparsity']:g} seed {row['seed']}")
+            curves.setdefault((_label(row), row["sparsity"]), []).append(pts)
+    colours = {label: f"C{i}" for i, label in
+               enumerate(sorted({label for label, _ in curves}))}
+    styles = ["-", "--", "-.", ":", (0, (1, 3))]
+    for (label, sparsity), runs_pts in sorted(curves.items()):
+        common = sorted(set.intersection(*(set(p) for p in runs_pts)))
+        xs = [sum(p[k][0] for p in runs_pts) / len(runs_pts) / 1e6 for k in common]
+        ys = [sum(p[k][1] for p in runs_pts) / len(runs_pts) for k in common]
+        seeds = f", {len(runs_pts)} seeds" if len(runs_pts) > 1 else ""
+        ax.plot(xs, ys, color=colours[label],
+                linestyle=styles[levels.index(sparsity) % len(styles)],
+                label=f"{label} {100 * sparsity:g} %{seeds}")
     ax.set_xscale("log")
     ax.set_xlabel("cumulative uplink (MB)")
     ax.set_ylabel("test accuracy")
-    ax.set_title("accuracy vs uplink bytes")
-    ax.legend(fontsize=7)
+    ax.set_title("accuracy vs cumulative uplink (mean over seeds)")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.grid(alpha=0.3)
     made.append(folder / "accuracy_vs_uplink.png")
     fig.tight_layout()
