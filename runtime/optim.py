@@ -83,11 +83,14 @@ class SGD(Optimizer):
     def _step(self, name, p, g):
         layer = static_pattern.owner_of(p)
         if layer is not None:
-            pat = layer.pattern_for_step() if g is layer.grad_weight else None
+            owned = layer.owns_grad(g)
+            pat = layer.pattern_for_step() if owned else None
             if pat is not None and self._adopt(name, pat):
-                self._step_pattern(name, p, g, pat)
+                self._step_pattern(name, p, layer.grad_values(pat), pat)
                 return
             layer.invalidate_pattern()  # a dense update may regrow weights outside it
+            if owned:
+                g = layer.grad_weight  # the same array, pending pattern values written in
         if name in self._pattern_buffers:
             self._dense_buffers[name] = self._densify(name,
                                                       *self._pattern_buffers.pop(name))
@@ -117,12 +120,12 @@ class SGD(Optimizer):
         self._pattern_buffers[name] = (pat, vals)
         return True
 
-    def _step_pattern(self, name, p, g, pat):
-        """The dense update of ``_step_dense`` at the pattern's entries only."""
+    def _step_pattern(self, name, p, gv, pat):
+        """The dense update of ``_step_dense`` at the pattern's entries only (``gv``:
+        the gradient there, not modified)."""
         flat = pat.flat
         p_flat = p.reshape(-1)
         pv = p_flat[flat]
-        gv = g.reshape(-1)[flat]
         if self.weight_decay:
             gv = gv + np.float32(self.weight_decay) * pv
         if self.momentum:

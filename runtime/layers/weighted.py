@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..accounting import nbytes_of
+from ..allocator import lazy_zeros
 from ..arrays import Where, as_f32, check_ndim
 from ..errors import ConfigError, ShapeError, StateError
 from ..kernels import (
@@ -56,7 +57,10 @@ class WeightedLayer(Layer):
         self.alpha = powerprop.check_alpha(alpha)
         rng = rng if rng is not None else np.random.default_rng()
         self.weight = powerprop.init_weight(shape, fan_in, self.alpha, rng)
-        self.grad_weight = np.zeros_like(self.weight)
+        # dL/dv: dense, plus values pending at a static pattern (see grad_weight)
+        self._grad_dense = lazy_zeros(self.weight.shape)
+        self._grad_vals: np.ndarray | None = None
+        self._grad_vals_pat: StaticPattern | None = None
         self.bias = None
         self.grad_bias = None
         if bias:
@@ -72,7 +76,38 @@ class WeightedLayer(Layer):
         self._fused_relu = False  # frozen with the ReLU after it applied here
         self._pattern: StaticPattern | None = None
         self._pattern_v = None  # the weight array the pattern was built from
-        self._grad_support = ZERO  # where grad_weight may be nonzero (static_pattern)
+        self._grad_support = ZERO  # where _grad_dense may be nonzero (static_pattern)
+
+    @property
+    def grad_weight(self) -> np.ndarray:
+        """dL/dv as a dense array. At a static pattern backward keeps the gradient
+        as values over the pattern and the dense array (lazily zero memory) is
+        written only when this is read: a 99 %-sparse ResNet-18 then holds 0.4 MB
+        of gradient, not 42.6. The optimizer reads the values (``grad_values``)."""
+        self._flush_pattern_grad()
+        return self._grad_dense
+
+    def owns_grad(self, g: np.ndarray) -> bool:
+        """Whether ``g`` is this layer's dense weight gradient (without flushing)."""
+        return g is self._grad_dense
+
+    def grad_values(self, pat: StaticPattern) -> np.ndarray:
+        """dL/dv at ``pat``'s entries, (nnz,) f4; for the pattern that
+        ``pattern_for_step`` returned (the gradient is zero outside it)."""
+        out = self._grad_vals if self._grad_vals_pat is pat else None
+        if self._grad_support is pat:
+            held = self._grad_dense.reshape(-1)[pat.flat]
+            out = held if out is None else held + out
+        return np.zeros(pat.nnz, dtype=np.float32) if out is None else out
+
+    def _flush_pattern_grad(self) -> None:
+        vals, pat = self._grad_vals, self._grad_vals_pat
+        if vals is None:
+            return
+        self._grad_vals = self._grad_vals_pat = None
+        self._grad_dense.reshape(-1)[pat.flat] += vals
+        self._grad_support = (pat if self._grad_support is ZERO
+                              or self._grad_support is pat else DENSE)
 
     def freeze(self, scale: np.ndarray | None = None,
                shift: np.ndarray | None = None, relu: bool = False) -> None:
@@ -131,14 +166,16 @@ class WeightedLayer(Layer):
         pat = self.static_pattern
         if pat is None or not (self._grad_support is ZERO or self._grad_support is pat):
             return None
+        if self._grad_vals is not None and self._grad_vals_pat is not pat:
+            return None
         return pat
 
     def _may_use_pattern(self) -> bool:
         v = self.weight
         return (self.alpha != 1.0 and self.weight_keep is None
                 and self.kernel in ("auto", "csr") and v.dtype == np.float32
-                and v.flags.c_contiguous and self.grad_weight.flags.c_contiguous
-                and self.grad_weight.shape == v.shape)
+                and v.flags.c_contiguous and self._grad_dense.flags.c_contiguous
+                and self._grad_dense.shape == v.shape)
 
     def _pattern_forward(self):
         """((w, dw_dv, CSR, pattern) from the static pattern, built now if the
@@ -170,8 +207,15 @@ class WeightedLayer(Layer):
 
     def _accumulate_pattern_grad(self, grad_vals: np.ndarray, dw_dv: np.ndarray,
                                  pat: StaticPattern) -> None:
-        """grad_weight += dL/dv at the pattern (grad_vals: dL/dw there, (nnz,))."""
+        """grad_weight += dL/dv at the pattern (grad_vals: dL/dw there, (nnz,), a
+        fresh array): kept as values while the dense array is zero."""
         grad_vals *= dw_dv
+        if self._grad_support is ZERO and self._grad_vals is None:
+            self._grad_vals, self._grad_vals_pat = grad_vals, pat
+            return
+        if self._grad_support is ZERO and self._grad_vals_pat is pat:
+            self._grad_vals += grad_vals
+            return
         self.grad_weight.reshape(-1)[pat.flat] += grad_vals
         if self._grad_support is ZERO or self._grad_support is pat:
             self._grad_support = pat
@@ -179,11 +223,12 @@ class WeightedLayer(Layer):
             self._grad_support = DENSE
 
     def zero_grad(self) -> None:
+        self._grad_vals = self._grad_vals_pat = None
         support = self._grad_support
         if isinstance(support, StaticPattern):  # zero outside it already: O(nnz)
-            self.grad_weight.reshape(-1)[support.flat] = 0.0
-        else:
-            self.grad_weight.fill(0.0)
+            self._grad_dense.reshape(-1)[support.flat] = 0.0
+        elif support is DENSE:  # ZERO: untouched, and filling would back every page
+            self._grad_dense.fill(0.0)
         if self.grad_bias is not None:
             self.grad_bias.fill(0.0)
         self._grad_support = ZERO
@@ -337,7 +382,8 @@ class WeightedLayer(Layer):
     def _accumulate_weight_grad(self, grad_w: np.ndarray, dw_dv) -> None:
         if dw_dv is not None:
             grad_w *= dw_dv
-        self.grad_weight += grad_w
+        dense = self.grad_weight
+        dense += grad_w
         self._grad_support = DENSE
 
 

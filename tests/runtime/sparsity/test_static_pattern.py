@@ -432,3 +432,35 @@ def test_serial_and_parallel_kept_kernels_agree(monkeypatch):
     serial = sddmm.conv_grad_pattern_kept(*args)
     np.testing.assert_array_equal(serial[0], parallel[0])
     assert serial[1] == parallel[1]
+
+
+@DEVICE
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_pattern_gradients_stay_values_until_someone_reads_them(momentum):
+    # Arrange: twin models; one is stepped without anyone reading its gradients,
+    # the other's are read (made dense) before every step
+    model, twin = _pruned_model(), _pruned_model()
+    hp = {"lr": 0.05, "momentum": momentum, "weight_decay": 1e-3}
+    opt = SGD(model.params(), model.grads(), **hp)
+    twin_opt = SGD(twin.params(), twin.grads(), **hp)
+    layers = pruning.prunable_layers(model)
+    for step in range(3):
+        x, y = _batch(step)
+        # Act
+        for m, o, read in ((model, opt, False), (twin, twin_opt, True)):
+            m.zero_grad()
+            _, g = softmax_cross_entropy(m.forward(x, train=True), y)
+            m.backward(g)
+            if step == 2 and not read:
+                # Assert: the gradient is held as values; the dense arrays are
+                # unwritten (their pages never backed)
+                assert all(lay._grad_vals is not None for lay in layers.values())
+                assert not any(lay._grad_dense.any() for lay in layers.values())
+            if read:
+                m.grads()
+            o.step()
+    # Assert: the same weights either way, bit for bit, and reading still works
+    for key, p in model.params().items():
+        np.testing.assert_array_equal(p, twin.params()[key], err_msg=key)
+    for key, g in model.grads().items():
+        np.testing.assert_array_equal(g, twin.grads()[key], err_msg=key)
