@@ -383,6 +383,9 @@ class Aggregator(Transport):
         if device not in self.config.devices:
             logger.warning("dropped an update from unregistered device %r", device)
             return
+        if not payload and not self.broker.v5:
+            return  # under 3.1.1 our own clears come back (no no-local): not a device's
+
         if retained:
             if payload:  # updates are never retained: no agent sent this one
                 logger.warning("ignored a retained update from %s (updates are never "

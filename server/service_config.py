@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sparsefedpp.runtime.errors import ConfigError
+from sparsefedpp.runtime.wire.broker import check_mqtt_version
 from sparsefedpp.runtime.wire import codec, protocol
 
 from .round_loop import POLICIES, RoundPolicy
@@ -53,8 +54,10 @@ class ServiceConfig:
     max_examples: int = 100_000
     connect_timeout: float = 30.0
     publish_timeout: float = 120.0
+    mqtt_version: str = "5"  # "3.1.1" for brokers without MQTT 5; --mqtt-version wins
 
     def __post_init__(self):
+        check_mqtt_version(str(self.mqtt_version), "serve mqtt_version")
         if not self.devices:
             raise ConfigError("serve devices: expected at least one registered device "
                               "id, got none; list them under [deployment] devices")

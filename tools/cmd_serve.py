@@ -134,7 +134,7 @@ def build_aggregator(sim: SimConfig, service: ServiceConfig, broker, emit=None):
 def run(args) -> int:
     setup_logging(args.quiet, args.debug)
     sim, service = load_config(args.config, args.state, args.seed)
-    broker = broker_settings(args, "aggregator")
+    broker = broker_settings(args, "aggregator", str(service.mqtt_version))
     metrics_path = args.metrics or Path(service.state_dir) / "metrics.jsonl"
     with MetricsWriter(metrics_path) as metrics:
         def emit(event, **fields):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from sparsefedpp.runtime.wire.broker import BrokerSettings
+from sparsefedpp.runtime.wire.broker import MQTT_VERSIONS, BrokerSettings
 from sparsefedpp.runtime.errors import ConfigError
 
 
@@ -37,14 +37,21 @@ def add_broker_flags(p: argparse.ArgumentParser, *, default_user: str | None) ->
     p.add_argument("--reconnect-max", type=float, default=60.0,
                    help="longest wait between reconnect attempts, seconds (backoff "
                    "doubles from 1 s up to this; default 60)")
+    p.add_argument("--mqtt-version", default=None, choices=MQTT_VERSIONS,
+                   help="MQTT protocol version (default 5; 3.1.1 for brokers without "
+                   "v5, e.g. RabbitMQ 3.10)")
 
 
-def broker_settings(args, username: str | None = None) -> BrokerSettings:
+def broker_settings(args, username: str | None = None,
+                    mqtt_version: str | None = None) -> BrokerSettings:
+    """Settings from the broker flags; ``--mqtt-version`` wins over ``mqtt_version``
+    (e.g. serve's TOML), which wins over the default 5."""
     return BrokerSettings.from_url(
         args.broker, username=args.username or username,
         password_file=args.password_file, ca_file=args.ca, cert_file=args.cert,
         key_file=args.key, keepalive=args.keepalive,
-        reconnect_max=max(1.0, args.reconnect_max))
+        reconnect_max=max(1.0, args.reconnect_max),
+        mqtt_version=getattr(args, "mqtt_version", None) or mqtt_version or "5")
 
 
 def setup_logging(quiet: bool, debug: bool = False) -> None:

@@ -1,7 +1,8 @@
 """How to reach the MQTT broker: URL, credentials, TLS, and a paho client built from them.
 
 The aggregator (server/) and the devices (trainer/) must connect the same way
-(MQTT 5, a durable session created with clean_start=False from the first
+(MQTT 5 by default or 3.1.1 for brokers without v5 such as RabbitMQ 3.10; a
+durable session created with clean_start/clean_session=False from the first
 connect, TLS with server verification), so the one place that builds a paho
 client lives here; paho is imported only when a client is built.
 """
@@ -24,6 +25,15 @@ logger = logging.getLogger(__name__)
 
 SESSION_EXPIRY = 7 * 24 * 3600  # seconds the broker keeps a session while offline
 CONNECTED = "\0connected"  # a queue event after each (re)connect, never a topic
+MQTT_VERSIONS = ("5", "3.1.1")
+
+
+def check_mqtt_version(value: str, option: str = "--mqtt-version") -> str:
+    """The version as given, or ConfigError naming ``option`` and the choices."""
+    if value not in MQTT_VERSIONS:
+        raise ConfigError(f"{option}: expected one of {', '.join(MQTT_VERSIONS)}, got "
+                          f"{value!r}; use 3.1.1 for brokers without MQTT 5")
+    return value
 
 
 @dataclass(frozen=True)
@@ -46,6 +56,14 @@ class BrokerSettings:
     keepalive: int = 30
     reconnect_min: float = 1.0
     reconnect_max: float = 60.0
+    mqtt_version: str = "5"
+
+    def __post_init__(self):
+        check_mqtt_version(self.mqtt_version)
+
+    @property
+    def v5(self) -> bool:
+        return self.mqtt_version == "5"
 
     @classmethod
     def from_url(cls, url: str, **options) -> BrokerSettings:
@@ -93,14 +111,19 @@ class BrokerSettings:
 def make_client(settings: BrokerSettings, client_id: str, *,
                 will_topic: str | None = None, will_payload: bytes = b"",
                 reconnect: bool = True):
-    """A paho MQTT 5 client with credentials and TLS set, a retained QoS 1 last
+    """A paho client (MQTT 5, or 3.1.1 with clean_session=False) with credentials and TLS set, a retained QoS 1 last
     will when ``will_topic`` is given, and reconnect backoff (or, with
     ``reconnect=False``, none: a one-off check); not yet connected."""
     import paho.mqtt.client as mqtt
 
     settings.check_files()
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
-                         protocol=mqtt.MQTTv5, reconnect_on_failure=reconnect)
+    if settings.v5:
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                             protocol=mqtt.MQTTv5, reconnect_on_failure=reconnect)
+    else:  # 3.1.1: the durable session is chosen here, not on connect
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                             protocol=mqtt.MQTTv311, clean_session=False,
+                             reconnect_on_failure=reconnect)
     if settings.username is not None:
         client.username_pw_set(settings.username, settings.password())
     if settings.tls:
@@ -117,7 +140,12 @@ def make_client(settings: BrokerSettings, client_id: str, *,
 def connect(client, settings: BrokerSettings) -> None:
     """Start connecting in the background (paho retries with backoff until it
     succeeds); the session is durable: clean_start=False from the first connect,
-    kept by the broker for ``SESSION_EXPIRY`` seconds."""
+    kept by the broker for ``SESSION_EXPIRY`` seconds (under 3.1.1: clean_session
+    =False, kept as long as the broker's own policy says; no expiry property)."""
+    if not settings.v5:
+        client.connect_async(settings.host, settings.port, keepalive=settings.keepalive)
+        client.loop_start()
+        return
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
 
@@ -215,7 +243,13 @@ class QueuedClient:
     that clears a retained one) and retain-as-published (``retained`` is true
     for a live message published with the retain flag too, not only for one
     delivered from the broker's store): for topics that must never hold a
-    retained message, so that the owner sees and clears one at once."""
+    retained message, so that the owner sees and clears one at once.
+
+    Under MQTT 3.1.1 these options do not exist: the owner gets its own
+    publishes back (on watched topics only the empty clears, which the owner
+    ignores) and a live message arrives with retained false even when published
+    with the retain flag (one from the broker's store is still flagged, so a
+    stray retained message is seen and cleared on the next (re)subscribe)."""
 
     def __init__(self, settings: BrokerSettings, client_id: str,
                  subscriptions: list[str], log: logging.Logger, *,
@@ -273,6 +307,7 @@ class QueuedClient:
             return
         from paho.mqtt.subscribeoptions import SubscribeOptions
 
+        v5 = self.settings.v5
         # ready on the SUBACK, not before: a message another client publishes
         # meanwhile would otherwise arrive from the retained store, flagged retained
         self._suback_mid = None
@@ -280,6 +315,7 @@ class QueuedClient:
             _, self._suback_mid = client.subscribe([
                 (topic, SubscribeOptions(qos=1, noLocal=True, retainAsPublished=True)
                  if topic in self._watched else SubscribeOptions(qos=1))
+                if v5 else (topic, 1)  # paho takes no SubscribeOptions under 3.1.1
                 for topic in self._subscriptions])
         if self._on_connected is not None:
             self._on_connected(client)
