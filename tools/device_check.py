@@ -13,8 +13,8 @@ import threading
 from pathlib import Path
 
 from sparsefedpp.runtime.wire.broker import (
-    SESSION_EXPIRY,
     BrokerSettings,
+    durable_session,
     make_client,
     probe,
 )
@@ -82,17 +82,12 @@ def check_login(settings: BrokerSettings, device_id: str,
         answer.append(reason_code)
         done.set()
 
-    from paho.mqtt.packettypes import PacketTypes
-    from paho.mqtt.properties import Properties
-
     client = make_client(settings, f"sfpp-check-{device_id}", reconnect=False)
     client.on_connect = on_connect
     client.manual_ack_set(True)  # never PUBACK: the broker redelivers to the agent
-    properties = Properties(PacketTypes.CONNECT)
-    properties.SessionExpiryInterval = SESSION_EXPIRY
     try:
-        client.connect(settings.host, settings.port, keepalive=10, clean_start=False,
-                       properties=properties)
+        client.connect(settings.host, settings.port, keepalive=10,
+                       **durable_session(settings))
     except OSError as e:
         return False, f"cannot connect: {e}"
     client.loop_start()

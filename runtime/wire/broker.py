@@ -111,19 +111,18 @@ class BrokerSettings:
 def make_client(settings: BrokerSettings, client_id: str, *,
                 will_topic: str | None = None, will_payload: bytes = b"",
                 reconnect: bool = True):
-    """A paho client (MQTT 5, or 3.1.1 with clean_session=False) with credentials and TLS set, a retained QoS 1 last
-    will when ``will_topic`` is given, and reconnect backoff (or, with
-    ``reconnect=False``, none: a one-off check); not yet connected."""
+    """A paho client (MQTT 5, or 3.1.1 with clean_session=False) with credentials
+    and TLS set, a retained QoS 1 last will when ``will_topic`` is given, and
+    reconnect backoff (or, with ``reconnect=False``, none: a one-off check); not
+    yet connected."""
     import paho.mqtt.client as mqtt
 
     settings.check_files()
-    if settings.v5:
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
-                             protocol=mqtt.MQTTv5, reconnect_on_failure=reconnect)
-    else:  # 3.1.1: the durable session is chosen here, not on connect
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
-                             protocol=mqtt.MQTTv311, clean_session=False,
-                             reconnect_on_failure=reconnect)
+    # 3.1.1 chooses the durable session here, MQTT 5 on connect (durable_session)
+    options = {"protocol": mqtt.MQTTv5} if settings.v5 else {
+        "protocol": mqtt.MQTTv311, "clean_session": False}
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                         reconnect_on_failure=reconnect, **options)
     if settings.username is not None:
         client.username_pw_set(settings.username, settings.password())
     if settings.tls:
@@ -137,22 +136,26 @@ def make_client(settings: BrokerSettings, client_id: str, *,
     return client
 
 
-def connect(client, settings: BrokerSettings) -> None:
-    """Start connecting in the background (paho retries with backoff until it
-    succeeds); the session is durable: clean_start=False from the first connect,
-    kept by the broker for ``SESSION_EXPIRY`` seconds (under 3.1.1: clean_session
-    =False, kept as long as the broker's own policy says; no expiry property)."""
+def durable_session(settings: BrokerSettings) -> dict:
+    """The keyword arguments of paho's connect for a durable session: MQTT 5's
+    clean_start=False and ``SESSION_EXPIRY``; none under 3.1.1, whose client
+    already asked for clean_session=False (make_client) and whose broker keeps
+    the session as its own policy says."""
     if not settings.v5:
-        client.connect_async(settings.host, settings.port, keepalive=settings.keepalive)
-        client.loop_start()
-        return
+        return {}
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
 
     props = Properties(PacketTypes.CONNECT)
     props.SessionExpiryInterval = SESSION_EXPIRY
+    return {"clean_start": False, "properties": props}
+
+
+def connect(client, settings: BrokerSettings) -> None:
+    """Start connecting in the background (paho retries with backoff until it
+    succeeds), to a durable session from the first connect (durable_session)."""
     client.connect_async(settings.host, settings.port, keepalive=settings.keepalive,
-                         clean_start=False, properties=props)
+                         **durable_session(settings))
     client.loop_start()
 
 
@@ -233,8 +236,8 @@ class QueuedClient:
     """The aggregator's and the device's connection: a paho client whose callbacks
     only record. Each message goes to ``events`` as (topic, payload, retained);
     each (re)connect renews ``subscriptions`` (QoS 1), runs ``on_connected(paho)``
-    and, once the broker has granted the subscriptions, queues (CONNECTED, b"", False), so the
-    owner's one thread does all the work. ``connected`` is set while the
+    and, once the broker has granted the subscriptions, queues (CONNECTED, b"",
+    False), so the owner's one thread does all the work. ``connected`` is set while the
     connection is up; ``log`` is the owner's logger (connects, refusals, lost
     connections).
 
