@@ -140,8 +140,11 @@ def cost_report(model) -> CostReport:
     """Collect every leaf layer's last-step cost and its weight storage."""
     report = CostReport()
     for name, layer in model.named_layers().items():
-        if layer.children() or not hasattr(layer, "cost"):
+        if not hasattr(layer, "cost"):
             continue
+        if layer.children() and not ("_cost" in layer.__dict__
+                                     and layer.cost.held_bytes):
+            continue  # a container holds nothing itself, unless it recomputes
         row = LayerRow(name=name, kind=type(layer).__name__, cost=layer.cost)
         weight = getattr(layer, "weight", None)
         if weight is not None and hasattr(layer, "effective_weight"):

@@ -62,6 +62,9 @@ def add_parser(sub) -> None:
     p.add_argument("--fresh-cache", action="store_true",
                    help="run `sparsefedpp warmup` in a new NUMBA_CACHE_DIR first and "
                    "measure every round with that cache (warm-start check)")
+    p.add_argument("--recompute", action="store_true",
+                   help="also measure every run of ours with `client --recompute` "
+                   "(block activations rebuilt in backward)")
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--format", default="text", choices=("text", "markdown"))
     add_common(p)
@@ -127,15 +130,18 @@ def write_global_model(path: Path, model: str, sparsity: float, width: float,
 
 
 def measure(framework: str, model: str, sparsity: float, args, shard: Path,
-            env: dict, global_model: Path | None = None) -> dict:
+            env: dict, global_model: Path | None = None,
+            recompute: bool = False) -> dict:
     cmd = [sys.executable, "-m", "sparsefedpp.tools.bench.memory_worker",
            "--framework", framework, "--data", str(shard), "--model", model,
            "--width", str(args.width), "--batch-size", str(args.batch_size),
            "--sparsity", str(sparsity), "--threads", str(args.threads)]
     if global_model is not None:
         cmd += ["--global-model", str(global_model)]
+    if recompute:
+        cmd.append("--recompute")
     base = {"ok": False, "framework": framework, "model": model, "sparsity": sparsity,
-            "batch_size": args.batch_size}
+            "batch_size": args.batch_size, "recompute": recompute}
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
                              check=False, env=env, stdin=subprocess.DEVNULL)
@@ -183,7 +189,8 @@ def _cells(r: dict) -> list[str]:
         return "-" if v is None else fmt.format(v)
 
     ph = r["phases_mb"]
-    return [r["framework"], r["model"], f"{r['sparsity']:g}",
+    name = r["framework"] + ("+recompute" if r.get("recompute") else "")
+    return [name, r["model"], f"{r['sparsity']:g}",
             *(num(ph.get(p)) for p in PHASES), num(r["peak_mb"]),
             num(r["vs_torch"], "{:.2f}x"), r["target"] or "", r["verdict"] or "",
             num(r.get("round_s"), "{:.1f}"), num(r.get("first_step_s"), "{:.2f}"),
@@ -247,17 +254,21 @@ def run(args) -> int:
             notes.append(f"fresh cache: warmup compiled {w['compiled']} of "
                          f"{w['signatures']} kernel signatures in "
                          f"{w['total_seconds']:.1f} s")
-        configs = [("ours", m, s) for m, s in runs]
+        configs = [("ours", m, s, False) for m, s in runs]
+        if args.recompute:
+            configs += [("ours", m, s, True) for m, s in runs]
         if not args.no_torch:
-            configs += [("torch", m, 0.0) for m in dict.fromkeys(m for m, _ in runs)]
-        for fw, model, s in configs:
-            say(f"bench-memory: {fw} {model} sparsity {s:g} ...", quiet=args.quiet)
+            configs += [("torch", m, 0.0, False)
+                        for m in dict.fromkeys(m for m, _ in runs)]
+        for fw, model, s, re in configs:
+            say(f"bench-memory: {fw}{'+recompute' if re else ''} {model} sparsity "
+                f"{s:g} ...", quiet=args.quiet)
             wire = None
             if fw == "ours":
                 wire = Path(tmp) / f"global-{model}-{s:g}.bin"
                 write_global_model(wire, model, s, args.width, num_classes,
                                    in_channels)
-            rows.append(measure(fw, model, s, args, shard, env, wire))
+            rows.append(measure(fw, model, s, args, shard, env, wire, re))
         verdicts(rows)
         for r in rows:
             metrics.write("memory", **r)

@@ -36,7 +36,12 @@ def add_parser(sub) -> None:
                    help="exit after training this many rounds (and their acks)")
     p.add_argument("--max-memory", default=None, metavar="SIZE",
                    help="memory budget of a round, e.g. 256M: picks the largest batch "
-                   "size (the announced one, then halving) that fits, refuses if none")
+                   "size (the announced one, then halving) that fits, refuses if none; "
+                   "turns on --recompute first when that is enough")
+    p.add_argument("--recompute", action="store_true",
+                   help="rebuild each residual block's activations in backward instead "
+                   "of holding them: the same training bit for bit, about half the "
+                   "activation memory, one more forward per block")
     p.add_argument("--check", action="store_true",
                    help="check the settings, data, kernel cache, broker, credentials "
                    "and TLS, print what is wrong and how to fix it; start no round")
@@ -60,7 +65,8 @@ def run(args) -> int:
                          exit_when_finished=args.exit_when_finished,
                          max_rounds=args.max_rounds,
                          max_memory=None if args.max_memory is None
-                         else parse_size(args.max_memory))
+                         else parse_size(args.max_memory),
+                         recompute=args.recompute)
     broker = broker_settings(args, args.device_id)
     broker.check_files()
     data = load_dataset(args.data, "train")

@@ -437,6 +437,12 @@ def server_side(c: SimConfig, test: Dataset):
     return model, strategy, strategy.evaluate_global
 
 
+def announced_local(local: LocalConfig) -> dict:
+    """The local settings every device follows; not ``recompute``, which each
+    device chooses for its own memory (and which older devices do not know)."""
+    return {k: v for k, v in asdict(local).items() if k != "recompute"}
+
+
 def device_round_config(c: SimConfig, rnd: int, test: Dataset) -> dict:
     """What a device needs to train round ``rnd`` (sent in the round announcement):
     the model to build, the method, local SGD, the learning rate, the encoding and
@@ -444,7 +450,7 @@ def device_round_config(c: SimConfig, rnd: int, test: Dataset) -> dict:
     return {"model": {"name": c.model, "width": c.width, "alpha": c.model_alpha,
                       "num_classes": len(test.classes),
                       "in_channels": int(test.images.shape[1])},
-            "method": asdict(c.method_config), "local": asdict(c.local_config),
+            "method": asdict(c.method_config), "local": announced_local(c.local_config),
             "lr": c.lr_at(rnd), "encoding": c.encoding,
             "mean": list(test.mean), "std": list(test.std)}
 

@@ -55,6 +55,7 @@ class AgentConfig:
     max_model_bytes: int = 256 << 20
     max_rounds: int | None = None          # stop after training this many rounds
     max_memory: int | None = None          # bytes; picks the batch size to fit
+    recompute: bool = False                # rebuild block activations in backward
 
     def __post_init__(self):
         protocol.check_device_id(self.device_id, ConfigError)
@@ -307,12 +308,28 @@ class DeviceAgent:
         self._send(data_out, rnd)
 
     def _fit_memory(self, local: LocalConfig, spec: dict, data) -> LocalConfig:
-        """The announced local settings, with a smaller batch if the memory budget
-        needs it (ConfigError, reported as an error status, if nothing fits)."""
+        """The announced local settings, with recomputation (``--recompute``, or
+        when the memory budget needs it: the same training) and then a smaller
+        batch if the budget still needs it (ConfigError, reported as an error
+        status, if nothing fits)."""
+        local = replace(local, recompute=self.config.recompute)
         if self.config.max_memory is None:
             return local
-        batch, estimate = plan_batch_size(self.config.max_memory, local.batch_size,
-                                          spec, data)
+        budget = self.config.max_memory
+        batch, estimate = plan_batch_size(budget, local.batch_size, spec, data,
+                                          recompute=local.recompute)
+        if batch != local.batch_size and not local.recompute:
+            try:
+                again = plan_batch_size(budget, local.batch_size, spec, data,
+                                        recompute=True)
+            except ConfigError:
+                again = (0, 0)
+            if again[0] > batch:
+                batch, estimate = again
+                local = replace(local, recompute=True)
+                logger.warning("memory budget %d MB: recomputing block activations "
+                               "in backward (the same training, one more forward "
+                               "per block)", budget >> 20)
         if batch != local.batch_size:
             logger.warning("memory budget %d MB: batch size %d instead of %d "
                            "(estimated peak %d MB)", self.config.max_memory >> 20,

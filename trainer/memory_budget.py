@@ -9,6 +9,11 @@ dense or at 99 % weight/activation sparsity alike (the forward still produces
 dense activations; only what is held for backward is compressed). So the
 estimate is ``rss_now + GROWTH * dense_held(B) + MARGIN`` and the largest batch
 size (the announced one, then halving) whose estimate fits is used.
+
+With recomputation (runtime/layers/recompute.py) a step holds the residual
+blocks' inputs and, during backward, one block's activations at a time, so
+``dense_held`` is replaced by those two together. Unlike a smaller batch it
+does not change the training, so a device tries it before halving.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import re
 import numpy as np
 from sparsefedpp.runtime import accounting, models
 from sparsefedpp.runtime.errors import ConfigError
+from sparsefedpp.runtime.layers import set_recompute
 
 from .data import Dataset
 
@@ -45,27 +51,47 @@ def current_rss() -> int:
     raise OSError("VmRSS not in /proc/self/status")
 
 
-def dense_held_per_example(spec: dict, image_shape: tuple) -> float:
+def dense_held_per_example(spec: dict, image_shape: tuple,
+                           recompute: bool = False) -> float:
     """Activation bytes a dense backward keeps per example (they depend on shapes
-    only): one forward of a scratch model on two blank images, once per model."""
+    only): one forward of a scratch model on two blank images, once per model.
+    With ``recompute``: the blocks' inputs plus the largest block's activations."""
     return _held_per_example(spec["name"], spec["num_classes"], spec["width"],
-                             spec["alpha"], spec["in_channels"], tuple(image_shape))
+                             spec["alpha"], spec["in_channels"], tuple(image_shape),
+                             bool(recompute))
 
 
 @functools.lru_cache(maxsize=8)
-def _held_per_example(name, num_classes, width, alpha, in_channels, image_shape):
+def _held_per_example(name, num_classes, width, alpha, in_channels, image_shape,
+                      recompute):
     scratch = models.build(name, num_classes=num_classes, width=width, alpha=alpha,
-                           in_channels=in_channels)
+                           in_channels=in_channels, init=False)
+    if recompute and not set_recompute(scratch, True):
+        return _held_per_example(name, num_classes, width, alpha, in_channels,
+                                 image_shape, False)
     scratch.forward(np.zeros((2, *image_shape), dtype=np.float32), train=True)
-    return accounting.cost_report(scratch).totals["dense_held_bytes"] / 2
+    report = accounting.cost_report(scratch)
+    if not recompute:
+        return report.totals["dense_held_bytes"] / 2
+    held = report.totals["held_bytes"] - sum(  # the stem's and the blocks' inputs
+        r.cost.held_bytes for r in report.rows if not r.name.startswith("layer"))
+    held += sum(r.cost.dense_held_bytes for r in report.rows
+                if not r.name.startswith("layer"))
+    blocks: dict[str, int] = {}
+    for r in report.rows:  # a block's leaves are named layerI.J.*
+        parts = r.name.split(".")
+        if len(parts) > 2 and r.name.startswith("layer"):
+            key = ".".join(parts[:2])
+            blocks[key] = blocks.get(key, 0) + r.cost.dense_held_bytes
+    return (held + max(blocks.values(), default=0)) / 2
 
 
 def plan_batch_size(budget: int, batch_size: int, spec: dict, data: Dataset, *,
-                    rss: int | None = None) -> tuple[int, int]:
+                    rss: int | None = None, recompute: bool = False) -> tuple[int, int]:
     """The largest of batch_size, batch_size/2, ..., 1 whose estimated peak fits
     ``budget`` bytes, and that estimate; ConfigError when even 1 does not fit."""
     rss = current_rss() if rss is None else rss
-    per_example = dense_held_per_example(spec, data.images.shape[1:])
+    per_example = dense_held_per_example(spec, data.images.shape[1:], recompute)
     b = batch_size
     while True:
         estimate = int(rss + GROWTH * per_example * b + MARGIN)

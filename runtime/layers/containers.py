@@ -11,9 +11,10 @@ import numpy as np
 
 from ..arrays import as_f32
 from ..errors import ShapeError
-from .base import Layer
+from .base import Layer, keeps_cache
 from .batchnorm import BatchNorm2d
 from .pointwise import ReLU
+from .recompute import drop_caches, leaves, restore, snapshot
 from .weighted import Conv2d
 
 
@@ -188,9 +189,26 @@ class BasicBlock(Module):
 
     #: whether the last forward ran the fused BatchNorm + ReLU (+ add) kernels
     _fused = False
+    #: keep only the input and run the forward again in backward (recompute.py)
+    recompute = False
+    _replay = None  # (x, train, grad, state before the forward) while recomputing
 
     def forward(self, x, train, grad=None):
         x = as_f32(x, "BasicBlock.forward")
+        if not (self.recompute and keeps_cache(train, grad)):
+            self._replay = None
+            self._set_cache(None, held=0)
+            return self._forward(x, train, grad)
+        inner = leaves(self)
+        state = snapshot(inner)
+        out = self._forward(x, train, grad)
+        drop_caches(inner)
+        self._replay = (x, train, grad, state)
+        # the leaves keep their dense figures: a dense backward would hold those
+        self._set_cache(None, held=x.nbytes, dense=0)
+        return out
+
+    def _forward(self, x, train, grad):
         self._fused = (self.bn1.fusable(self.relu1, train, grad)
                        and self.bn2.fusable(self.relu2, train, grad))
         if self._fused:
@@ -210,6 +228,14 @@ class BasicBlock(Module):
         return self.relu2.forward(out, train, grad, inplace=True)  # out is ours
 
     def backward(self, grad_out):
+        if self._replay is not None:
+            x, train, grad, state = self._replay
+            self._replay = None
+            restore(state)
+            inner = leaves(self)
+            self._forward(x, train, grad)
+            for layer in inner:  # held only now, one block at a time: the
+                layer.cost.held_bytes = 0  # forward's figure is the block's input
         if self._fused:
             g, g_res = self.bn2.backward_relu(grad_out)
             g_short = (g_res if self.downsample is None

@@ -96,7 +96,7 @@ def ours(args, phases: dict, out: dict) -> None:
     phases["weights"] = rss_mb()
     method = MethodConfig("sparsefedpp", args.sparsity) if args.sparsity else \
         MethodConfig("fedavg")
-    local = LocalConfig(batch_size=args.batch_size)
+    local = LocalConfig(batch_size=args.batch_size, recompute=args.recompute)
     out.update(weights_mb=_mb(model.params().values()),
                grads_mb=_mb(model.grads().values()),
                momentum=local.momentum,
@@ -174,6 +174,9 @@ def main(argv=None) -> int:
                    help="ours: the encoded global model (a codec 'model' message) to "
                    "load, as a device does; without it the model is built with its "
                    "random initialisation and pruned here")
+    p.add_argument("--recompute", action="store_true",
+                   help="ours: recompute block activations in backward (client "
+                   "--recompute)")
     args = p.parse_args(argv)
     phases = {"interpreter": rss_mb()}
     import numpy  # noqa: F401
@@ -182,7 +185,8 @@ def main(argv=None) -> int:
     (ours if args.framework == "ours" else torch_side)(args, phases, out)
     record = {"ok": True, "framework": args.framework, "model": args.model,
               "width": args.width, "batch_size": args.batch_size,
-              "sparsity": args.sparsity, "phases_mb": phases,
+              "sparsity": args.sparsity, "recompute": args.recompute,
+              "phases_mb": phases,
               "peak_mb": rss_mb("VmHWM"), **out}
     sys.stdout.write(json.dumps(record) + "\n")
     return 0

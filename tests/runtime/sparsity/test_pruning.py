@@ -216,3 +216,39 @@ def test_global_masks_of_an_already_sparse_model_rank_as_one_sort(before, after)
     got = np.concatenate([m.ravel() for m in pruning.magnitude_masks(model, after)
                           .values()])
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 1.25])
+@pytest.mark.parametrize("before,after", [(0.9, 0.99), (0.99, 0.99), (0.99, 0.9),
+                                          (0.5, 0.5), (0.0, 0.75), (0.0, 1.0),
+                                          (0.9, 0.0)])
+def test_prune_from_nonzeros_equals_pruning_by_the_masks(alpha, before, after):
+    # prune() ranks only the nonzero weights without building all-weight arrays;
+    # the weights it leaves must be exactly those magnitude_masks + apply_masks
+    # leave, ties (within and across layers) included
+    models_ = [models.build("resnet8", width=0.25, alpha=alpha, seed=3) for _ in "ab"]
+    for model in models_:
+        if before:
+            pruning.apply_masks(model, pruning.magnitude_masks(model, before))
+        for layer in pruning.prunable_layers(model).values():
+            v = layer.weight
+            tie = np.random.default_rng(layer.weight.size).random(v.shape) < 0.05
+            v[tie & (v != 0)] = np.float32(0.05)
+    fast, slow = models_
+    pruning.prune(fast, after)
+    pruning.apply_masks(slow, pruning.magnitude_masks(slow, after))
+    for (name, a), b in zip(fast.state_dict().items(), slow.state_dict().values(),
+                            strict=True):
+        np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+def test_prune_falls_back_where_a_nonzero_v_underflows_to_a_zero_w():
+    model = models.build("resnet8", width=0.25, alpha=1.25, seed=0)
+    twin = models.build("resnet8", width=0.25, alpha=1.25, seed=0)
+    for m in (model, twin):
+        pruning.prunable_layers(m)["conv1"].weight.reshape(-1)[:5] = np.float32(1e-44)
+    pruning.prune(model, 0.9)
+    pruning.apply_masks(twin, pruning.magnitude_masks(twin, 0.9))
+    for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values(),
+                            strict=True):
+        np.testing.assert_array_equal(a, b, err_msg=name)
