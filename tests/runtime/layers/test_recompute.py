@@ -35,7 +35,7 @@ def _train(model, steps: int, recompute: bool):
         x = rng.standard_normal((6, 3, 16, 16)).astype(np.float32)
         y = rng.integers(0, 10, 6)
         model.zero_grad()
-        loss, g = softmax_cross_entropy(model.forward(x, train=True), y)
+        _, g = softmax_cross_entropy(model.forward(x, train=True), y)
         held = accounting.cost_report(model).totals["held_bytes"]
         model.backward(g, input_grad=False)
         grads.append({k: v.copy() for k, v in model.grads().items()})
