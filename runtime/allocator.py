@@ -70,6 +70,28 @@ def keep_freed_memory() -> str:
 LAZY_MIN_BYTES = 1 << 16
 
 
+def resident_bytes(arr: np.ndarray) -> int:
+    """Bytes of ``arr``'s pages that are backed by memory now (mincore(2)); a
+    lazy_zeros array counts only the pages written. ``arr.nbytes`` where the
+    C library has no mincore."""
+    if arr.nbytes == 0:
+        return 0
+    page = mmap.PAGESIZE
+    start = arr.__array_interface__["data"][0]
+    first = start - start % page
+    pages = -(-(start + arr.nbytes - first) // page)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        mincore = libc.mincore
+    except (OSError, AttributeError):
+        return arr.nbytes
+    mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    vec = ctypes.create_string_buffer(pages)
+    if mincore(ctypes.c_void_p(first), ctypes.c_size_t(pages * page), vec) != 0:
+        return arr.nbytes
+    return min(arr.nbytes, sum(b & 1 for b in vec.raw) * page)
+
+
 def lazy_zeros(shape: tuple, dtype=np.float32) -> np.ndarray:
     """Zeros whose pages cost no memory until they are written.
 

@@ -181,7 +181,7 @@ def verdicts(rows: list[dict]) -> None:
 
 HEAD = ["framework", "model", "S", *PHASES, "peak", "vs torch", "target", "verdict",
         "round s", "first step s", "start to 1st step s", "compiled", "weights",
-        "grads", "optimizer", "held"]
+        "grads", "grads resident", "optimizer", "held"]
 
 
 def _cells(r: dict) -> list[str]:
@@ -196,6 +196,7 @@ def _cells(r: dict) -> list[str]:
             num(r.get("round_s"), "{:.1f}"), num(r.get("first_step_s"), "{:.2f}"),
             num(r.get("first_step_process_s"), "{:.2f}"), num(r.get("compiled"), "{}"),
             num(r.get("weights_mb"), "{:.1f}"), num(r.get("grads_mb"), "{:.1f}"),
+            num(r.get("grads_resident_mb"), "{:.1f}"),
             num(r.get("optimizer_mb"), "{:.1f}"), num(r.get("held_mb"), "{:.1f}")]
 
 
@@ -219,7 +220,9 @@ LEGEND = ("MB of RSS after each phase: interpreter; numpy imported; numba (torch
           "(uint8); the model built (ours: pruned to S); one step (a local round of "
           "one batch); a whole local round; peak = VmHWM. weights/grads/optimizer/"
           "held = MB of parameter, gradient and optimizer-state arrays and of the "
-          "activations held for backward (one step); compiled = kernel signatures "
+          "activations held for backward (one step); grads resident = what the "
+          "gradients occupy after the step (lazily-zero pages never written cost "
+          "nothing); compiled = kernel signatures "
           "compiled in the worker (0: the cache was warm); start to 1st step = "
           "process start to the end of the first step")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..accounting import nbytes_of
-from ..allocator import lazy_zeros
+from ..allocator import lazy_zeros, resident_bytes
 from ..arrays import Where, as_f32, check_ndim
 from ..errors import ConfigError, ShapeError, StateError
 from ..kernels import (
@@ -86,6 +86,12 @@ class WeightedLayer(Layer):
         of gradient, not 42.6. The optimizer reads the values (``grad_values``)."""
         self._flush_pattern_grad()
         return self._grad_dense
+
+    def grad_resident_bytes(self) -> int:
+        """Memory the weight gradient occupies now: the dense array's backed pages
+        and the values pending at the pattern (not the dense array's size)."""
+        pending = 0 if self._grad_vals is None else self._grad_vals.nbytes
+        return resident_bytes(self._grad_dense) + pending
 
     def owns_grad(self, g: np.ndarray) -> bool:
         """Whether ``g`` is this layer's dense weight gradient (without flushing)."""

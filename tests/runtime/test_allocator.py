@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 PROBE = """
@@ -47,3 +48,15 @@ def test_importing_the_engine_keeps_freed_arrays_mapped():
 def test_the_users_choice_is_left_alone(env, why):
     status, _ = probe(**env)
     assert status == f"left alone: {why}"
+
+
+def test_resident_bytes_counts_only_written_pages_of_lazy_zeros():
+    from sparsefedpp.runtime.allocator import lazy_zeros, resident_bytes
+
+    a = lazy_zeros((1 << 20,))  # 4 MB, nothing written
+    assert resident_bytes(a) == 0
+    a[: 1 << 18] = 1.0  # the first MB
+    assert (1 << 20) <= resident_bytes(a) <= (1 << 20) + 8192
+    b = np.ones(1 << 20, dtype=np.float32)
+    assert resident_bytes(b) >= b.nbytes - 8192
+    assert resident_bytes(np.zeros(0, np.float32)) == 0

@@ -62,6 +62,21 @@ def optimizer_bytes(model, momentum: float) -> int:
     return nbytes
 
 
+def grads_resident_mb(model) -> float:
+    """MB the gradients occupy after a step: the weights' backed pages and pending
+    values (a lazily-zero dense array costs only what was written), the rest whole."""
+    from sparsefedpp.runtime.layers import WeightedLayer
+
+    nbytes = 0
+    for layer in model.named_layers().values():
+        if isinstance(layer, WeightedLayer):
+            nbytes += layer.grad_resident_bytes()
+            nbytes += 0 if layer.grad_bias is None else layer.grad_bias.nbytes
+        elif not layer.children():
+            nbytes += sum(g.nbytes for g in layer.grads().values())
+    return round(nbytes / 2**20, 2)
+
+
 def ours(args, phases: dict, out: dict) -> None:
     import numba  # noqa: F401
     phases["framework"] = rss_mb()
@@ -108,6 +123,7 @@ def ours(args, phases: dict, out: dict) -> None:
     out["first_step_process_s"] = process_age()
     out["held_mb"] = round(accounting.cost_report(model).totals["held_bytes"] / 2**20, 2)
     out["optimizer_mb"] = round(optimizer_bytes(model, local.momentum) / 2**20, 2)
+    out["grads_resident_mb"] = grads_resident_mb(model)
     phases["first_step"] = rss_mb()
     update = local_round(model, data, method, local, lr=LR, seed=0)
     out["round_s"] = update.metrics["train_seconds"]
