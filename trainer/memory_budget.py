@@ -73,16 +73,16 @@ def _held_per_example(name, num_classes, width, alpha, in_channels, image_shape,
     report = accounting.cost_report(scratch)
     if not recompute:
         return report.totals["dense_held_bytes"] / 2
-    held = report.totals["held_bytes"] - sum(  # the stem's and the blocks' inputs
-        r.cost.held_bytes for r in report.rows if not r.name.startswith("layer"))
-    held += sum(r.cost.dense_held_bytes for r in report.rows
-                if not r.name.startswith("layer"))
-    blocks: dict[str, int] = {}
-    for r in report.rows:  # a block's leaves are named layerI.J.*
-        parts = r.name.split(".")
-        if len(parts) > 2 and r.name.startswith("layer"):
-            key = ".".join(parts[:2])
-            blocks[key] = blocks.get(key, 0) + r.cost.dense_held_bytes
+    blocks = {r.name: 0 for r in report.rows if r.kind == "BasicBlock"}
+    held = 0  # the blocks' inputs, and what every layer outside a block keeps
+    for r in report.rows:
+        block = next((b for b in blocks if r.name.startswith(b + ".")), None)
+        if r.name in blocks:
+            held += r.cost.held_bytes
+        elif block is None:
+            held += r.cost.dense_held_bytes
+        else:
+            blocks[block] += r.cost.dense_held_bytes
     return (held + max(blocks.values(), default=0)) / 2
 
 

@@ -24,12 +24,9 @@ from .batchnorm import BatchNorm2d
 from .weighted import WeightedLayer
 
 
-def leaves(layer: Layer) -> list[Layer]:
-    """The leaf layers below ``layer``, in the tree's order."""
-    kids = layer.children()
-    if not kids:
-        return [layer]
-    return [leaf for child in kids.values() for leaf in leaves(child)]
+def leaves(block) -> list[Layer]:
+    """The leaf layers of a block (a Module), in the tree's order."""
+    return [layer for layer in block.named_layers().values() if not layer.children()]
 
 
 def snapshot(layers: list[Layer]) -> list:
@@ -53,28 +50,18 @@ def restore(saved: list) -> None:
             layer.sparsifier.__dict__.update(state)
 
 
-def drop_caches(layers: list[Layer]) -> int:
-    """Forget what ``layers`` keep for backward; the bytes they held."""
-    held = 0
+def drop_caches(layers: list[Layer]) -> None:
+    """Forget what ``layers`` keep for backward (and the bytes they say they hold)."""
     for layer in layers:
-        held += layer.cost.held_bytes
         layer._cache = None
         layer.cost.held_bytes = 0
-    return held
 
 
-def set_recompute(model: Layer, on: bool = True) -> int:
-    """Turn recomputation on (or off) in every residual block of ``model``;
-    returns how many blocks it applies to (0: the model has none, e.g. cnn)."""
-    count = 0
-    for layer in _walk(model):
-        if hasattr(layer, "recompute"):
-            layer.recompute = bool(on)
-            count += 1
-    return count
-
-
-def _walk(layer: Layer):
-    yield layer
-    for child in layer.children().values():
-        yield from _walk(child)
+def set_recompute(model, on: bool = True) -> int:
+    """Turn recomputation on (or off) in every residual block of ``model`` (a
+    Module); returns how many blocks it applies to (0: none, e.g. cnn)."""
+    blocks = [layer for layer in model.named_layers().values()
+              if hasattr(layer, "recompute")]
+    for block in blocks:
+        block.recompute = bool(on)
+    return len(blocks)

@@ -33,6 +33,12 @@ def _check_sparsity(sparsity: float) -> float:
     return s
 
 
+def _check_finite(name: str, magnitude: np.ndarray) -> None:
+    if not np.isfinite(magnitude).all():
+        raise ConfigError(f"pruning {name}.weight: expected finite weights, got NaN or "
+                          "inf (training diverged; lower the learning rate)")
+
+
 def _threshold(owned: np.ndarray, keep: int) -> tuple[float, int]:
     """(t, ties) for keeping the ``keep`` largest of ``owned`` (0 < keep < size):
     every entry > t is kept and ``ties`` more of those == t. Partitions ``owned``
@@ -129,9 +135,7 @@ def magnitude_masks(model, sparsity: float, scope: str = "global", *,
     layers = prunable_layers(model)
     mags = {name: np.abs(layer.effective_weight()).ravel() for name, layer in layers.items()}
     for name, mag in mags.items():
-        if not np.isfinite(mag).all():
-            raise ConfigError(f"pruning {name}.weight: expected finite weights, got NaN or "
-                              "inf (training diverged; lower the learning rate)")
+        _check_finite(name, mag)
     if scope == "layer":
         masks = {name: _keep_mask(mag, max(round((1.0 - s) * mag.size),
                                            min(floor, mag.size)))
@@ -202,9 +206,7 @@ def _prune_global_nonzeros(model, sparsity: float) -> bool:
         flat = layer.weight.reshape(-1)
         idx = np.flatnonzero(flat)
         mag = np.abs(powerprop.effective_weight(flat[idx], layer.alpha)[0])
-        if not np.isfinite(mag).all():
-            raise ConfigError(f"pruning {name}.weight: expected finite weights, got NaN "
-                              "or inf (training diverged; lower the learning rate)")
+        _check_finite(name, mag)
         if idx.size and not mag.min() > 0:
             return False
         found[name] = (flat, idx, mag)
